@@ -42,4 +42,4 @@ clean-nbs: install
 	$(BIN)/nbdev-clean
 
 readme: install
-	$(BIN)/jupyter nbconvert --to markdown nbs/index.ipynb --output-dir . --output README
+	$(BIN)/jupyter nbconvert --to markdown --execute nbs/index.ipynb --output-dir . --output README

@@ -126,3 +126,13 @@ def test_make_task_from_jsonl(tmp_path):
     t = make_task("yn", p, "classification", "Yes or no?", val_size=4, test_size=8, n_train=10)
     assert t.counts() == {"train": 10, "val": 4, "test": 8}
     assert t.label_counts("test") == {"yes": 4, "no": 4}
+
+
+def test_bundled_data_is_unchanged():
+    "The shipped copies match the publishers' checksums (never edited)."
+    import hashlib
+    from vrnx_nb.tasks import data_dir
+    for line in (data_dir() / "SHA256SUMS").read_text().splitlines():
+        digest, name = line.split()
+        assert hashlib.sha256((data_dir() / name).read_bytes()).hexdigest() == digest, name
+    assert "CC BY 4.0" in (data_dir() / "NOTICE").read_text()
