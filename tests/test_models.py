@@ -36,4 +36,4 @@ def test_concurrent_cache_builds_do_not_collide(tmp_path):
     outs = [p.communicate(timeout=300)[0].strip().splitlines()[-1] for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert outs[0] == outs[1]
-    assert sorted(x.name for x in tmp_path.iterdir() if x.is_dir()) == [os.path.basename(outs[0])]
+    assert sorted(x.name for x in tmp_path.iterdir() if not x.name.startswith(".")) == [os.path.basename(outs[0])]
