@@ -1,0 +1,248 @@
+"Evaluation: bad inputs give clear errors; batching does not change outputs; TAT-QA rules on hand-checked dev cases; loading runs."
+import copy, json
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from vrnx_nb.tasks import Task, Example, load_task, render_prompt, render_pair, data_dir
+from vrnx_nb.models import tiny_model, tiny_model_path
+from vrnx_nb.evaluation import (bootstrap_ci, classification_metrics, rouge_metrics, task_metrics, tatqa_em_f1, parse_tatqa_answer,
+                                generate_batched, label_logliks, evaluate, results_table, plot_results, main_eval, Scores, _length_groups)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def varied():
+    "The tiny model with weights redrawn at a larger scale: its greedy replies differ from prompt to prompt."
+    model, tok = tiny_model()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters(): p.normal_(0, 0.3 if p.dim() > 1 else 1.0)
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def legal(): return load_task("legal")
+
+
+@pytest.fixture(scope="module")
+def finance(): return load_task("finance")
+
+
+# --- bad input -------------------------------------------------------------------------------------------------------
+
+def test_tokenizer_without_chat_template(tiny, legal):
+    model, tok = tiny
+    bare = copy.deepcopy(tok); bare.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        evaluate((model, bare), legal, limit=2, n_boot=10)
+
+
+def test_empty_split(tiny, legal):
+    empty = replace(legal, splits={**legal.splits, "test": []})
+    with pytest.raises(ValueError, match="split 'test' is empty"):
+        evaluate(tiny, empty, n_boot=10)
+    with pytest.raises(ValueError, match="no split 'dev'"):
+        evaluate(tiny, legal, split="dev", n_boot=10)
+
+
+def test_task_kind_without_metric(tiny, legal):
+    odd = replace(legal); odd.kind = "translation"  # Task() itself refuses unknown kinds; a later edit must still be caught
+    with pytest.raises(ValueError, match="no metric for task kind 'translation'"):
+        evaluate(tiny, odd, limit=2, n_boot=10)
+    with pytest.raises(ValueError, match="no metric for task kind 'translation'"):
+        task_metrics(odd, ["Other"], legal.test[:1])
+
+
+def test_predictions_references_length_mismatch(legal):
+    with pytest.raises(ValueError, match="2 predictions, 3 references"):
+        classification_metrics(["Other", "Other"], ["Other", "Other", "Arbitration"], legal.labels)
+    with pytest.raises(ValueError, match="1 predictions, 2 references"):
+        rouge_metrics(["a"], ["a", "b"])
+    with pytest.raises(ValueError, match="differ in length"):
+        task_metrics(legal, ["Other"] * 3, legal.test[:2])
+    with pytest.raises(ValueError, match="empty"):
+        rouge_metrics([], [])
+
+
+def test_other_bad_arguments(tiny, legal):
+    with pytest.raises(ValueError, match="mode must be"):
+        evaluate(tiny, legal, mode="beam", limit=2)
+    with pytest.raises(ValueError, match="needs a classification task"):
+        evaluate(tiny, "medical", mode="loglik", limit=2)
+    with pytest.raises(ValueError, match="limit must be a positive integer"):
+        evaluate(tiny, legal, limit=0)
+    with pytest.raises(ValueError, match="Cannot evaluate a int"):
+        evaluate(42, legal, limit=2)
+    with pytest.raises(ValueError, match="outside the label set"):
+        classification_metrics(["Other"], ["Nonsense"], ["Other"])
+    with pytest.raises(ValueError, match="no runs"):
+        results_table([])
+    with pytest.raises(ValueError, match="missing \\['task'\\]"):
+        results_table([{"method": "lora", "score": .5}])
+    with pytest.raises(ValueError, match="reference method 'full' is not among"):
+        results_table([{"method": "lora", "task": "legal", "score": .5}], reference="full")
+
+
+def test_cli_errors_exit_2(capsys):
+    assert main_eval(["--model", "tiny", "--task", "nope"]) == 2
+    assert "Unknown task 'nope'" in capsys.readouterr().err
+
+
+# --- batching --------------------------------------------------------------------------------------------------------
+
+def test_length_groups_bound_padding():
+    lengths = [1181, 395, 1179, 381, 90, 100]
+    groups = _length_groups(lengths, 1.25)
+    assert sorted(i for g in groups for i in g) == list(range(6))
+    for g in groups: assert max(lengths[i] for i in g) <= 1.25 * min(lengths[i] for i in g)
+    assert len(groups) == 3
+
+
+@pytest.mark.parametrize("name,n", [("legal", 24), ("finance", 6)])
+def test_batch_1_and_16_same_outputs(varied, name, n):
+    "Finance prompts range from ~300 to ~1,600 tokens: prefill groups and stitched caches are exercised."
+    model, tok = varied
+    task = load_task(name)
+    prompts = [render_prompt(task, e, tok) for e in task.test[:n]]
+    # no stop tokens: the random tiny model may end at once on some tasks; here every row writes 10 tokens
+    one = generate_batched(model, tok, prompts, batch_size=1, max_new_tokens=10, sort=False, stop=set(), return_ids=True)
+    many = generate_batched(model, tok, prompts, batch_size=16, max_new_tokens=10, stop=set(), return_ids=True)
+    assert one == many
+    assert all(len(x) == 10 for x in one) and len({tuple(x) for x in one}) > 1  # not a degenerate constant output
+
+
+def test_early_stopped_rows_match_generate(varied, legal):
+    "A row that hits the stop token leaves the batch; the others continue exactly as `model.generate` does alone."
+    model, tok = varied
+    prompts = [render_prompt(legal, e, tok) for e in legal.test[:6]]
+    enc0 = tok(prompts[0], add_special_tokens=False)["input_ids"]
+    # make a common generated token a stop token so that rows finish at different steps
+    first = generate_batched(model, tok, prompts, batch_size=1, max_new_tokens=6, stop=set())
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in first]
+    stop = {ids[0][1]} if len(ids[0]) > 1 else {ids[0][0]}
+    batched = generate_batched(model, tok, prompts, batch_size=16, max_new_tokens=6, stop=stop)
+    for p, got in zip(prompts, batched):
+        x = tok(p, add_special_tokens=False, return_tensors="pt")
+        out = model.generate(**x, max_new_tokens=6, do_sample=False, eos_token_id=sorted(stop), pad_token_id=tok.pad_token_id)
+        new = [t for t in out[0, x["input_ids"].shape[1]:].tolist()]
+        cut = next((i for i, t in enumerate(new) if t in stop), len(new))
+        assert got == tok.decode(new[:cut], skip_special_tokens=True).strip()
+    assert any(len(b) < len(f) for b, f in zip(batched, first))  # some row really stopped early
+
+
+def test_loglik_batch_invariant_and_matches_forward(varied):
+    model, tok = varied
+    legal = load_task("legal")
+    prompts = [render_prompt(legal, e, tok) for e in legal.test[:10]]
+    comps = [render_pair(legal, replace(legal.test[0], target=l), tok)["completion"] for l in legal.labels]
+    a = label_logliks(model, tok, prompts, comps, batch_size=1)
+    b = label_logliks(model, tok, prompts, comps, batch_size=16)
+    np.testing.assert_allclose(a, b, atol=1e-3)
+    p = tok(prompts[3], add_special_tokens=False)["input_ids"]; c = tok(comps[5], add_special_tokens=False)["input_ids"]
+    c = c[:c.index(tok.convert_tokens_to_ids("<|im_end|>")) + 1]
+    with torch.no_grad(): lp = torch.log_softmax(model(torch.tensor([p + c])).logits[0], -1)
+    assert abs(a[3, 5] - sum(lp[len(p) - 1 + k, t].item() for k, t in enumerate(c))) < 1e-3
+
+
+# --- metrics ---------------------------------------------------------------------------------------------------------
+
+def _dev_question(uid_prefix):
+    for ctx in json.loads((data_dir()/"tatqa_dev.json").read_text()):
+        for q in ctx["questions"]:
+            if q["uid"].startswith(uid_prefix): return q
+    raise KeyError(uid_prefix)
+
+
+# (uid prefix, prediction, expected (EM, F1)), checked by hand against the rules of TAT-QA's tatqa_metric.py
+TATQA_CASES = [
+    ("4960801d", "$1,496.5 million", (1.0, 1.0)),   # span, scale million
+    ("4960801d", "1496.5 million", (1.0, 1.0)),     # $ and comma dropped
+    ("4960801d", "$1,496.5", (0.0, 0.0)),           # missing scale: 1496.5 != 1496500000
+    ("4960801d", "$1,496.5 billion", (0.0, 0.0)),   # wrong scale
+    ("eb787966", "-12.6 million", (1.0, 1.0)),      # arithmetic
+    ("eb787966", "(12.6) million", (1.0, 1.0)),     # bracket = negative
+    ("eb787966", "12.6 million", (0.0, 0.0)),       # sign matters; arithmetic F1 = EM
+    ("05b670d3", "-22.22%", (1.0, 1.0)),            # percent scale
+    ("05b670d3", "-0.2222", (1.0, 1.0)),            # plain value of a percentage
+    ("05b670d3", "-22.2%", (0.0, 0.0)),
+    ("593c4388", "time-and-material type | cost-plus type | fixed-price type", (1.0, 1.0)),  # any order
+    ("593c4388", "fixed-price type | cost-plus type", (0.0, 0.86)),  # 3 of 4 words: P=1, R=.75
+    ("c3993366", "57,768 | 73,260 thousand", (1.0, 1.0)),  # multi-span with scale
+    ("f4142349", "2019", (1.0, 1.0)),
+    ("f4142349", "The year 2019.", (0.0, 0.0)),      # text is not a number, so '2019' is not normalised to '2019.0': no overlap
+]
+
+
+@pytest.mark.parametrize("uid,pred,expected", TATQA_CASES)
+def test_tatqa_hand_checked(uid, pred, expected):
+    q = _dev_question(uid)
+    assert tatqa_em_f1(pred, q["answer"], q["answer_type"], q["scale"]) == expected
+
+
+def test_tatqa_every_dev_target_matches_its_gold(finance):
+    res = task_metrics(finance, [e.target for e in finance.examples], finance.examples, n_boot=10)
+    assert res["metrics"] == {"exact_match": 1.0, "f1": 1.0}
+    shuffled = [finance.examples[(i + 1) % len(finance.examples)].target for i in range(len(finance.examples))]
+    assert task_metrics(finance, shuffled, finance.examples, n_boot=10)["metrics"]["exact_match"] < 0.05
+
+
+def test_parse_answer():
+    assert parse_tatqa_answer("Answer: 5 | 6 million\nmore text") == (["5", "6"], "million")
+    assert parse_tatqa_answer("13.2%") == (["13.2%"], "percent")
+    assert parse_tatqa_answer("") == ([], "")
+
+
+def test_bootstrap_seeded_and_sensible():
+    x = np.r_[np.ones(30), np.zeros(20)]
+    assert bootstrap_ci(x, seed=1) == bootstrap_ci(x, seed=1)
+    lo, hi = bootstrap_ci(x, n_boot=2000)
+    assert lo < 0.6 < hi and 0.1 < hi - lo < 0.4   # binomial: ~ +-1.96*sqrt(.24/50) = +-0.136
+    assert bootstrap_ci(np.ones(10)) == (1.0, 1.0)
+
+
+# --- loading and the whole call --------------------------------------------------------------------------------------
+
+def test_peft_adapter_folder_and_duck_typed_result(tiny, legal, tmp_path):
+    from peft import LoraConfig, get_peft_model, PeftModel
+    from vrnx_nb.models import load_model
+    base, tok = load_model(str(tiny_model_path()), dtype=torch.float32, device="cpu")
+    torch.manual_seed(1)
+    peft = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    peft.save_pretrained(tmp_path/"run")
+    direct = evaluate((peft, tok), legal, limit=6, n_boot=20, method="lora")
+    from_dir = evaluate(str(tmp_path/"run"), legal, limit=6, n_boot=20, method="lora", save_dir=tmp_path)
+    from_obj = evaluate(SimpleNamespace(output_dir=str(tmp_path/"run"), base_model=str(tiny_model_path()), method="lora"), legal, limit=6, n_boot=20)
+    assert from_obj.method == "lora"
+    rows = [json.loads(l) for l in open(from_dir.predictions_path)]
+    assert [r["prediction"] for r in rows] == [json.loads(l)["prediction"] for l in open(from_dir.predictions_path)]
+    assert direct.metrics == from_dir.metrics == from_obj.metrics
+    assert len(rows) == 6 and {"id", "input", "prediction", "reference", "scores"} <= set(rows[0])
+
+
+def test_scores_and_table_and_plot(tiny, tmp_path):
+    s = evaluate(tiny, "medical", limit=4, max_new_tokens=4, n_boot=50, method="zero-shot")
+    assert isinstance(s, Scores) and s.n == 4 and s.examples_per_s > 0 and set(s.ci) == {"rougeL", "rouge1", "rouge2"}
+    runs = [s, {"method": "full", "task": "medical", "score": .4, "ci": (.3, .5)},
+            {"method": "full", "task": "legal", "metrics": {"accuracy": .8}}, {"method": "zero-shot", "task": "legal", "score": .4}]
+    t = results_table(runs)
+    assert list(t.index) == ["zero-shot", "full"]
+    assert list(t.columns) == ["legal accuracy", "medical ROUGE-L", "average", "% of full fine-tuning"]
+    assert t.loc["full", "average"] == 60.0 and t.loc["full", "% of full fine-tuning"] == 100.0
+    png = tmp_path/"r.png"; plot_results(t, png)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_prints_scores_with_ci(capsys):
+    assert main_eval(["--model", "tiny", "--task", "legal", "--limit", "4", "--n-boot", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "legal (zero-shot, loglik): accuracy" in out and "[" in out

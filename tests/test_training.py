@@ -1,0 +1,169 @@
+"""Tests of vrnx_nb.training that a notebook cell cannot hold: kill and resume, DDP with torchrun, bad input."""
+import json, os, signal, subprocess, sys, time, warnings
+from pathlib import Path
+import pytest, torch
+from vrnx_nb.models import tiny_model
+from vrnx_nb.tasks import load_task, render_pair, Task, Example
+from vrnx_nb import training
+from vrnx_nb.training import (finetune, TrainConfig, tokenize_example, tokenize_split, PackedCollator, PaddedCollator,
+                              per_example_loss, load_trained, TrainResult, RUN_FILE)
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT/"tests"/"scripts"/"train_tiny.py"
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+@pytest.fixture(scope="module")
+def tiny(): return tiny_model()
+
+@pytest.fixture(scope="module")
+def task(): return load_task("legal", n_train=16)
+
+def _result(stdout:str) -> dict:
+    lines = [l for l in stdout.splitlines() if l.startswith("RESULT ")]
+    assert lines, f"no RESULT line in output:\n{stdout[-3000:]}"
+    return json.loads(lines[-1][len("RESULT "):])
+
+# --- loss on the completion only, packing ---
+
+def test_label_mask_covers_completion_only(tiny, task):
+    model, tok = tiny
+    ex = task.train[3]
+    row = tokenize_example(task, ex, tok)
+    pair = render_pair(task, ex, tok)
+    n_prompt = len(tok(pair["prompt"], add_special_tokens=False)["input_ids"])
+    assert row["labels"][:n_prompt] == [-100]*n_prompt
+    assert row["labels"][n_prompt:] == row["input_ids"][n_prompt:]
+    assert tok.decode(row["input_ids"][n_prompt:]) == ex.target + "<|im_end|>\n"
+    assert tok.decode(row["input_ids"][:n_prompt]) == pair["prompt"]
+
+def test_packed_loss_equals_each_alone(tiny, task):
+    model, tok = tiny
+    rows, _ = tokenize_split(task, "train", tok, limit=3)
+    model.train()  # the training path: no cache, packed rows
+    try:
+        packed = per_example_loss(model, PackedCollator()(rows))
+        alone = [per_example_loss(model, PackedCollator()([r]))[0] for r in rows]
+        padded = per_example_loss(model, PaddedCollator(tok.pad_token_id)(rows))
+    finally: model.eval()
+    assert packed == pytest.approx(alone, abs=1e-4)
+    assert padded == pytest.approx(alone, abs=1e-4)
+    # and the boundaries matter: as one plain sequence the second example would see the first one
+    batch = PackedCollator()(rows[:2]); n0 = len(rows[0]["input_ids"]); lab = batch["labels"][0]
+    with torch.no_grad(): logits = model(input_ids=batch["input_ids"], use_cache=False).logits[0].float()
+    tok_loss = torch.nn.functional.cross_entropy(logits[:-1], lab[1:], ignore_index=-100, reduction="none")
+    second = tok_loss[n0:][lab[n0+1:] != -100].mean().item()
+    assert abs(second - alone[1]) > 1e-3
+
+def test_packed_batch_has_no_padding(tiny, task):
+    _, tok = tiny
+    rows, _ = tokenize_split(task, "train", tok, limit=4)
+    b = PackedCollator()(rows)
+    assert b["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows))
+    assert (b["position_ids"][0] == 0).sum() == 4
+
+# --- bad input ---
+
+def test_unknown_method_and_bad_rank(task, tmp_path):
+    with pytest.raises(ValueError, match="method: 'prefix' is not one of"): finetune("tiny", task, method="prefix", output_dir=tmp_path)
+    with pytest.raises(ValueError, match="r: expected a positive integer, got 0"): finetune("tiny", task, method="lora", r=0, output_dir=tmp_path)
+    with pytest.raises(ValueError, match="r: expected a positive integer, got -4"): TrainConfig(method="lora", r=-4)
+    with pytest.raises(TypeError, match="unknown argument"): finetune("tiny", task, method="lora", rank=8, output_dir=tmp_path)
+    with pytest.warns(UserWarning, match="outside the usual LoRA range"): TrainConfig(method="lora", r=512)
+
+def test_task_without_train_split(tmp_path):
+    t = Task("toy", "classification", "Label it.", [Example("a", "x"), Example("b", "y")], splits={"val": [0, 1]})
+    with pytest.raises(ValueError, match="no train split"): finetune("tiny", t, method="lora", output_dir=tmp_path)
+
+def test_long_examples_truncated_with_count(tiny, task, tmp_path):
+    _, tok = tiny
+    lengths = sorted(len(tokenize_example(task, e, tok)["input_ids"]) for e in task.train)
+    cap = lengths[len(lengths)//2]
+    n_long = sum(n > cap for n in lengths)
+    assert 0 < n_long < len(task.train)
+    with pytest.warns(UserWarning, match=f"{n_long} of {len(task.train)} training examples are longer than max_length={cap}"):
+        res = finetune("tiny", task, method="lora", max_length=cap, max_steps=1, max_val_examples=4, output_dir=tmp_path, device="cpu")
+    assert res.n_truncated == n_long
+    rows, n_cut = tokenize_split(task, "train", tok, max_length=cap)
+    assert n_cut == n_long and max(len(r["input_ids"]) for r in rows) == cap
+    assert all(any(l != -100 for l in r["labels"]) for r in rows)  # every example keeps its answer
+
+def test_qlora_without_bitsandbytes(task, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes now raises ImportError
+    with pytest.raises(ImportError, match="needs bitsandbytes"): finetune("tiny", task, method="qlora", output_dir=tmp_path)
+    assert not (tmp_path/RUN_FILE).exists()
+
+def test_output_dir_of_another_run(task, tmp_path):
+    kw = dict(method="lora", r=4, max_steps=2, eval_steps=2, max_val_examples=4, output_dir=tmp_path, device="cpu")
+    first = finetune("tiny", task, **kw)
+    with pytest.raises(ValueError, match=r"holds another run \(differs in .*r"): finetune("tiny", task, **{**kw, "r": 8})
+    other_task = load_task("legal", n_train=12)
+    with pytest.raises(ValueError, match=r"holds another run \(differs in task"): finetune("tiny", other_task, **kw)
+    again = finetune("tiny", task, **kw)  # same run: the finished result comes back, nothing retrained
+    assert again.wall_time_s == first.wall_time_s
+    replaced = finetune("tiny", task, **{**kw, "r": 8, "overwrite": True})
+    assert replaced.trainable_params > first.trainable_params
+    stranger = tmp_path/"stranger"; stranger.mkdir(); (stranger/"notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty and holds no vrnx run"): finetune("tiny", task, **{**kw, "output_dir": stranger})
+
+def test_report_to_missing_integration_warns(task, tmp_path):
+    import importlib.util
+    if importlib.util.find_spec("wandb"): pytest.skip("wandb is installed")
+    with pytest.warns(UserWarning, match="report_to='wandb'"):
+        res = finetune("tiny", task, method="lora", max_steps=1, max_val_examples=4, report_to="wandb", output_dir=tmp_path, device="cpu")
+    assert res.global_step == 1
+
+def test_load_trained_needs_finished_run(tmp_path):
+    with pytest.raises(ValueError, match="not a vrnx run folder"): load_trained(tmp_path)
+
+# --- kill and resume, DDP ---
+
+def test_resume_after_sigkill(tmp_path):
+    args = ["--max-steps", "10", "--n-train", "48"]
+    ref = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path/"ref"), *args], env=ENV, capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    ref = _result(ref.stdout)
+    out = tmp_path/"killed"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(out), *args, "--sleep", "0.5"], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (out/"checkpoint-4"/"trainer_state.json").exists(): break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL); proc.wait()
+    assert not (out/"result.json").exists()
+    again = subprocess.run([sys.executable, str(SCRIPT), str(out), *args], env=ENV, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    res = _result(again.stdout)
+    assert res["resumed_from"] and Path(res["resumed_from"]).name.startswith("checkpoint-")
+    assert int(Path(res["resumed_from"]).name.split("-")[1]) >= 4
+    assert res["global_step"] == ref["global_step"] == 10
+    assert res["train"][-1][1] == pytest.approx(ref["train"][-1][1], abs=1e-3)
+    assert res["best_val_loss"] == pytest.approx(ref["best_val_loss"], abs=1e-3)
+    steps = [int(r["step"]) for r in __import__("csv").DictReader(open(out/"log.csv")) if r["split"] == "train"]
+    assert steps == list(range(1, 11))  # the log continues where the checkpoint was, without duplicates
+
+def test_ddp_two_processes(tmp_path):
+    cmd = [str(BIN/"torchrun"), "--nproc_per_node", "2", "--master_port", "29533", str(SCRIPT), str(tmp_path/"ddp"),
+           "--max-steps", "6", "--batch-size", "4", "--n-train", "32"]
+    p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = _result(p.stdout)
+    assert res["world_size"] == 2 and res["global_step"] == 6
+    losses = [l for _, l in res["train"]]
+    assert len(losses) == 6 and sum(losses[-2:]) < sum(losses[:2])
+    assert (tmp_path/"ddp"/"adapter_model.safetensors").exists()
+
+def test_adapter_with_checkpointing_trains_and_reloads(task, tmp_path):
+    res = finetune("tiny", task, method="adapter", r=8, learning_rate=1e-2, max_steps=3, eval_steps=3, max_val_examples=4,
+                   gradient_checkpointing=True, output_dir=tmp_path, device="cpu")
+    assert res.global_step == 3 and res.losses()[-1][1] < res.losses()[0][1]
+    assert sorted(p.name for p in tmp_path.glob("bottleneck_*")) == ["bottleneck_config.json", "bottleneck_model.safetensors"]
+    assert not list(tmp_path.glob("checkpoint-*")) and not (tmp_path/"model.safetensors").exists()
+    model, tok = load_trained(res, device="cpu")
+    base, _ = tiny_model()
+    batch = PackedCollator()(tokenize_split(task, "val", tok, limit=4)[0])
+    trained, plain = per_example_loss(model, batch), per_example_loss(base, batch)
+    assert max(abs(a - b) for a, b in zip(trained, plain)) > 1e-3  # the adapter changed the model
+    assert per_example_loss(load_trained(tmp_path, device="cpu")[0], batch) == pytest.approx(trained, abs=1e-6)
