@@ -4,9 +4,12 @@
 Both settings send the same requests (same seed, no cache), so the replies, and the retention per stage, match
 and the difference is throughput. Writes bench/results/augment_throughput.csv; prints the ratio last.
 
-    .venv/bin/python bench/augment_throughput.py            # 16 requests per setting, about 5 minutes on 2 CPU cores
+    .venv/bin/python bench/augment_throughput.py            # 8 requests of 32 tokens per setting
+    .venv/bin/python bench/augment_throughput.py --n 32 --max-tokens 128 --n-shots 3   # closer to real use
+
+The CPU load when each setting starts is written to the CSV: on a shared machine it decides the numbers.
 """
-import argparse, csv, time
+import argparse, csv, os, time
 from pathlib import Path
 
 from vrnx_nb.tasks import load_task
@@ -15,15 +18,16 @@ from vrnx_nb.augmentation import local_teacher
 STAGES = ("generation", "validity", "length", "duplicate", "decontamination", "quality", "diversity")
 
 
-def run(ep, task, n, concurrency, max_tokens, seed):
-    pipe = ep.pipeline(concurrency=concurrency, max_tokens=max_tokens, cache_path=False, seed=seed)
+def run(ep, task, n, concurrency, max_tokens, seed, n_shots):
+    pipe = ep.pipeline(concurrency=concurrency, max_tokens=max_tokens, cache_path=False, seed=seed, n_shots=n_shots)
+    load = os.getloadavg()[0]
     t0 = time.perf_counter()
     syn = pipe.generate(task.train, n, "Classify clauses of online Terms of Service", task=task)
     kept = pipe.filter(syn)
     wall = time.perf_counter() - t0
     io = {s: o for s, _, o in pipe._stage_io}
     u = pipe.usage
-    row = {"concurrency": concurrency, "requests": n, "replies": u.calls, "wall_s": round(wall, 2),
+    row = {"concurrency": concurrency, "requests": n, "cpu_count": os.cpu_count(), "load_avg_1m_at_start": round(load, 2), "replies": u.calls, "wall_s": round(wall, 2),
            "teacher_s": round(u.wall_s, 2), "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
            "completion_tok_per_s": round(u.completion_tokens/u.wall_s, 2) if u.wall_s else 0.0,
            "replies_per_min": round(u.calls/wall*60, 2), "kept": len(kept), "retained_per_min": round(len(kept)/wall*60, 3)}
@@ -37,8 +41,9 @@ def main(argv=None):
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--task", default="legal")
     ap.add_argument("--n-seed", type=int, default=50)
-    ap.add_argument("--n", type=int, default=16, help="requests per setting")
-    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--n", type=int, default=8, help="requests per setting")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--n-shots", type=int, default=1, help="few-shot seeds per request (shorter prompts)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(Path(__file__).parent/"results"/"augment_throughput.csv"))
     a = ap.parse_args(argv)
@@ -46,7 +51,7 @@ def main(argv=None):
     rows = []
     with local_teacher(a.model) as ep:
         for c in (1, 8):
-            row, pipe = run(ep, task, a.n, c, a.max_tokens, a.seed)
+            row, pipe = run(ep, task, a.n, c, a.max_tokens, a.seed, a.n_shots)
             rows.append(row)
             print(f"concurrency {c}: {row}", flush=True)
             print(pipe.report(), flush=True)

@@ -2,7 +2,8 @@
 
 Batch 1 is the plain loop: `model.generate` on one prompt at a time, greedy (classification parsed from the text).
 Batch 16 is what `evaluate` does: prompts sorted by length, the shared prompt prefix run once, prompts of similar
-length prefilled together and their caches stitched, left padding, finished rows dropped; for classification the
+length prefilled together and their caches stitched, left padding, room for the reply reserved in the cache (no copy
+per step), finished rows dropped; for classification the
 label is chosen by log-likelihood (one scoring pass instead of generation). Both use the same reply budget (from the
 train targets' lengths) and the same stop tokens, so their replies can be compared (`same_as_batch1`).
 Writes bench/results/eval_throughput.csv and prints the overall examples/s ratio last.

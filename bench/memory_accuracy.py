@@ -5,13 +5,18 @@ its peak RSS (`ru_maxrss`) is compared with `vrnx_nb.memory.estimate_memory(...,
 overhead is set to the process baseline measured in the same child (RSS after importing torch, transformers,
 peft, bitsandbytes, before the model is loaded).
 
+The main comparison runs with `MALLOC_MMAP_THRESHOLD_=131072`, so glibc returns freed tensors to the OS and RSS tracks
+the tensors alive. With glibc's default (a dynamic threshold that rises to 32 MB), freed activation blocks stay in the
+heap and RSS of the frozen-base methods grows well past the live peak; those runs are measured too and reported apart.
+Raw measurements go to bench/results/memory_accuracy_raw.json (`--recompute` re-estimates from them).
+
     OMP_NUM_THREADS=2 .venv/bin/python bench/memory_accuracy.py            # writes bench/results/memory_accuracy.csv
     .venv/bin/python bench/memory_accuracy.py --batch 2 --seq 128 --steps 2 # quicker
 """
 import argparse, csv, json, os, resource, subprocess, sys, time
 from pathlib import Path
 
-RUNS = [("full", False), ("lora", False), ("qlora", False), ("adapter", False), ("lora", True), ("qlora", True)]
+RUNS = [("full", False), ("lora", False), ("qlora", False), ("adapter", False), ("lora", True)]
 
 def rss_gb() -> float:
     import psutil
@@ -52,8 +57,8 @@ def child(method, checkpointing, batch, seq, steps, r):
         model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2*r, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM"))
     elif method == "adapter":
         try:
-            from vrnx_nb.training import add_adapters  # the training helper's Houlsby adapters, when present
-            model, note = add_adapters(model, r=r), "vrnx_nb.training.add_adapters"
+            from vrnx_nb.training import BottleneckModel, BottleneckConfig  # the training module's Houlsby adapters
+            model, note = BottleneckModel(model, BottleneckConfig(r=r)), "vrnx_nb.training.BottleneckModel"
         except ImportError: model, note = add_bottleneck_adapters(model, r)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -70,37 +75,62 @@ def child(method, checkpointing, batch, seq, steps, r):
     print(json.dumps(dict(method=method, checkpointing=checkpointing, baseline_gb=baseline, loaded_gb=loaded, peak_gb=peak_gb(),
                           trainable=sum(p.numel() for p in params), loss=float(loss), step_s=(time.time()-t0)/steps, note=note)))
 
+RELEASE_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}  # glibc: tensors >= 128 KiB get their own mapping, returned on free
+
+def measure(run, a, malloc):
+    cmd = [sys.executable, __file__, "--child", run, "--batch", str(a.batch), "--seq", str(a.seq), "--steps", str(a.steps), "--r", str(a.r)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(RELEASE_ENV if malloc == "release" else {})}
+    if malloc != "release": env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [l for l in res.stdout.splitlines() if l.startswith("{")]
+    if res.returncode or not lines: sys.exit(f"{run} failed:\n{res.stderr[-3000:]}")
+    return {**json.loads(lines[-1]), "malloc": malloc, "batch": a.batch, "seq": a.seq, "steps": a.steps, "r": a.r}
+
+def compare(m):
+    from vrnx_nb.memory import estimate_memory
+    est = estimate_memory("smollm2-135m", m["method"], r=m["r"], batch_size=m["batch"], seq_len=m["seq"], gradient_checkpointing=m["checkpointing"],
+                          dtype="float32", device="cpu", overhead_gb=m["baseline_gb"])
+    return dict(method=m["method"], gradient_checkpointing=m["checkpointing"], malloc=m["malloc"], batch_size=m["batch"], seq_len=m["seq"],
+                steps=m["steps"], r=m["r"], baseline_gb=round(m["baseline_gb"], 3), measured_peak_gb=round(m["peak_gb"], 3),
+                estimated_gb=round(est.total, 3), rel_error=round((est.total - m["peak_gb"]) / m["peak_gb"], 4),
+                est_weights_gb=round(est.weights, 3), est_states_gb=round(est.trainable + est.gradients + est.optimizer, 3),
+                est_activations_gb=round(est.activations, 3), trainable_params=m["trainable"], est_trainable_params=est.trainable_params,
+                step_s=round(m["step_s"], 1), note=m["note"])
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=4); ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=3); ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=2, help="optimizer steps (the peak is reached in step 2, once AdamW's states exist)")
+    ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--runs", default=",".join(f"{m}{'+gc' if c else ''}" for m, c in RUNS), help="e.g. full,lora,lora+gc")
+    ap.add_argument("--default-malloc-runs", default="full,lora,qlora,adapter", help="runs also measured with glibc's default settings ('' for none)")
+    ap.add_argument("--recompute", action="store_true", help="re-estimate from the saved raw measurements, without training")
+    ap.add_argument("--append", action="store_true", help="add these runs to the saved raw measurements instead of starting afresh")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(Path(__file__).parent/"results"/"memory_accuracy.csv"))
     a = ap.parse_args(argv)
     if a.child:
         m, _, gc = a.child.partition("+"); return child(m, gc == "gc", a.batch, a.seq, a.steps, a.r)
-    from vrnx_nb.memory import estimate_memory
-    rows = []
-    for run in a.runs.split(","):
-        cmd = [sys.executable, __file__, "--child", run, "--batch", str(a.batch), "--seq", str(a.seq), "--steps", str(a.steps), "--r", str(a.r)]
-        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        lines = [l for l in res.stdout.splitlines() if l.startswith("{")]
-        if res.returncode or not lines: sys.exit(f"{run} failed:\n{res.stderr[-3000:]}")
-        m = json.loads(lines[-1])
-        est = estimate_memory("smollm2-135m", m["method"], r=a.r, batch_size=a.batch, seq_len=a.seq, gradient_checkpointing=m["checkpointing"],
-                              dtype="float32", device="cpu", overhead_gb=m["baseline_gb"])
-        row = dict(method=m["method"], gradient_checkpointing=m["checkpointing"], batch_size=a.batch, seq_len=a.seq, steps=a.steps, r=a.r,
-                   baseline_gb=round(m["baseline_gb"], 3), measured_peak_gb=round(m["peak_gb"], 3), estimated_gb=round(est.total, 3),
-                   rel_error=round((est.total - m["peak_gb"]) / m["peak_gb"], 4), est_weights_gb=round(est.weights, 3),
-                   est_gradients_gb=round(est.gradients, 3), est_optimizer_gb=round(est.optimizer, 3), est_activations_gb=round(est.activations, 3),
-                   trainable_params=m["trainable"], est_trainable_params=est.trainable_params, step_s=round(m["step_s"], 2), note=m["note"])
-        rows.append(row); print(json.dumps(row), flush=True)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    raw_path = Path(a.out).with_name(Path(a.out).stem + "_raw.json")
+    if a.recompute: raw = json.loads(raw_path.read_text())
+    else:
+        raw = json.loads(raw_path.read_text()) if a.append and raw_path.exists() else []
+        for malloc, runs in (("release", a.runs), ("default", a.default_malloc_runs)):
+            for run in filter(None, runs.split(",")):
+                raw.append(measure(run, a, malloc)); print(json.dumps(raw[-1]), flush=True)
+                raw_path.parent.mkdir(parents=True, exist_ok=True); raw_path.write_text(json.dumps(raw, indent=1))
+    rows = [compare(m) for m in raw]
     with open(a.out, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0])); w.writeheader(); w.writerows(rows)
-    worst = max(rows, key=lambda r: abs(r["rel_error"]))
-    print(f"wrote {a.out}")
-    print(f"worst relative error: {worst['rel_error']:+.1%} ({worst['method']}{' +checkpointing' if worst['gradient_checkpointing'] else ''})")
+    for r in rows: print(f"{r['method']:8s} ckpt={r['gradient_checkpointing']!s:5s} malloc={r['malloc']:7s} measured {r['measured_peak_gb']:.2f} GB  "
+                         f"estimated {r['estimated_gb']:.2f} GB  error {r['rel_error']:+.1%}")
+    print(f"process baseline (RSS after imports): {min(r['baseline_gb'] for r in rows):.2f}-{max(r['baseline_gb'] for r in rows):.2f} GB; wrote {a.out}")
+    dflt = [r for r in rows if r["malloc"] == "default"]
+    if dflt:
+        w = max(dflt, key=lambda r: abs(r["rel_error"]))
+        print(f"with glibc's default malloc settings (freed blocks < 32 MB stay in the heap) worst error: {w['rel_error']:+.1%} ({w['method']})")
+    rel = [r for r in rows if r["malloc"] == "release"]
+    worst = max(rel, key=lambda r: abs(r["rel_error"]))
+    print(f"worst relative error (MALLOC_MMAP_THRESHOLD_=131072): {worst['rel_error']:+.1%} ({worst['method']}{' +checkpointing' if worst['gradient_checkpointing'] else ''})")
 
 if __name__ == "__main__": main()

@@ -120,6 +120,7 @@ def main():
     p.add_argument("--methods", default="full,qlora,adapter", help="other runs, one each (also: lora-grouped)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (1: other jobs share this CPU; "
                    "2 threads on 2 busy cores ran 4x slower here)")
+    p.add_argument("--out", default=str(OUT_CSV), help="CSV to write")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one: return one(a.one, a.steps, a.batch_size)
@@ -154,11 +155,11 @@ def main():
     cols = ["run", "kind", "device", "threads", "steps", "batch_size", "useful_tokens_per_s", "processed_per_useful",
             "seconds_per_epoch", "peak_rss_gb", "trainable", "total", "useful_gflops", "processed_gflops", "matmul_peak_gflops",
             "useful_share_of_peak", "wall_s"]
-    OUT_CSV.parent.mkdir(parents=True, exist_ok=True)
-    with open(OUT_CSV, "w", newline="") as f:
+    out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
         w = csv.DictWriter(f, cols, extrasaction="ignore"); w.writeheader(); w.writerows(rows)
     mean = lambda k: sum(r["useful_tokens_per_s"] for r in rows if r["kind"] == k) / sum(r["kind"] == k for r in rows)
-    print(f"wrote {OUT_CSV.relative_to(ROOT)}; CPU shared with other jobs, so timings are noisy (runs alternate)")
+    print(f"wrote {out}; CPU shared with other jobs, so timings are noisy (runs alternate)")
     print(f"LoRA useful tokens/s, vrnx packed / naive padded-512: {mean('lora') / mean('naive-lora'):.2f}x")
 
 

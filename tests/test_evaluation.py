@@ -246,3 +246,19 @@ def test_cli_prints_scores_with_ci(capsys):
     assert main_eval(["--model", "tiny", "--task", "legal", "--limit", "4", "--n-boot", "20"]) == 0
     out = capsys.readouterr().out
     assert "legal (zero-shot, loglik): accuracy" in out and "[" in out
+
+
+def test_bottleneck_adapter_model_generates_batch_invariant(legal):
+    "The training module's bottleneck wrapper (forward(*args, **kwargs)) goes through the same batched decoding."
+    training = pytest.importorskip("vrnx_nb.training")
+    model, tok = tiny_model()
+    torch.manual_seed(0)
+    wrapped = training.BottleneckModel(model, training.BottleneckConfig(r=8)).eval()
+    with torch.no_grad():
+        for n, p in wrapped.named_parameters():
+            if "adapter" in n: p.normal_(0, 0.5)
+    prompts = [render_prompt(legal, e, tok) for e in legal.test[:6]]
+    one = generate_batched(wrapped, tok, prompts, batch_size=1, max_new_tokens=5, stop=set(), return_ids=True)
+    assert one == generate_batched(wrapped, tok, prompts, batch_size=16, max_new_tokens=5, stop=set(), return_ids=True)
+    s = evaluate((wrapped, tok), legal, limit=4, n_boot=20, method="adapter")
+    assert s.n == 4 and s.method == "adapter"

@@ -4,7 +4,6 @@ from pathlib import Path
 import pytest, torch
 from vrnx_nb.models import tiny_model
 from vrnx_nb.tasks import load_task, render_pair, Task, Example
-from vrnx_nb import training
 from vrnx_nb.training import (finetune, TrainConfig, tokenize_example, tokenize_split, PackedCollator, PaddedCollator,
                               per_example_loss, load_trained, TrainResult, RUN_FILE)
 
@@ -75,6 +74,13 @@ def test_task_without_train_split(tmp_path):
     t = Task("toy", "classification", "Label it.", [Example("a", "x"), Example("b", "y")], splits={"val": [0, 1]})
     with pytest.raises(ValueError, match="no train split"): finetune("tiny", t, method="lora", output_dir=tmp_path)
 
+def test_task_without_val_split_trains_without_early_stopping(task, tmp_path):
+    from dataclasses import replace
+    no_val = replace(task, splits={"train": task.splits["train"]})
+    with pytest.warns(UserWarning, match="no val split"):
+        res = finetune("tiny", no_val, method="lora", max_steps=2, output_dir=tmp_path, device="cpu")
+    assert res.global_step == 2 and res.best_val_loss is None and res.losses("val") == []
+
 def test_long_examples_truncated_with_count(tiny, task, tmp_path):
     _, tok = tiny
     lengths = sorted(len(tokenize_example(task, e, tok)["input_ids"]) for e in task.train)
@@ -144,8 +150,12 @@ def test_resume_after_sigkill(tmp_path):
     steps = [int(r["step"]) for r in __import__("csv").DictReader(open(out/"log.csv")) if r["split"] == "train"]
     assert steps == list(range(1, 11))  # the log continues where the checkpoint was, without duplicates
 
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s: s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+
 def test_ddp_two_processes(tmp_path):
-    cmd = [str(BIN/"torchrun"), "--nproc_per_node", "2", "--master_port", "29533", str(SCRIPT), str(tmp_path/"ddp"),
+    cmd = [str(BIN/"torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(SCRIPT), str(tmp_path/"ddp"),
            "--max-steps", "6", "--batch-size", "4", "--n-train", "32"]
     p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=400)
     assert p.returncode == 0, p.stderr[-3000:]
