@@ -77,3 +77,7 @@ def test_cli(capsys):
     assert main_recommend(["--examples", "0", "--gpu-gb", "8"]) == 2
     assert main_recommend(["--examples", "10", "--model", "llama-9"]) == 2
     assert "Unknown model" in capsys.readouterr().err
+
+def test_learning_rates_match_the_training_defaults():
+    training = pytest.importorskip("vrnx_nb.training")
+    assert rec.DEFAULT_LR == training.DEFAULT_LR
