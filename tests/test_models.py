@@ -37,3 +37,8 @@ def test_concurrent_cache_builds_do_not_collide(tmp_path):
     assert all(p.returncode == 0 for p in procs)
     assert outs[0] == outs[1]
     assert sorted(x.name for x in tmp_path.iterdir() if not x.name.startswith(".")) == [os.path.basename(outs[0])]
+
+
+def test_model_name_of_wrong_type():
+    with pytest.raises(ValueError, match=r"model: expected a name or a path, got int"):
+        resolve_model_path(3)

@@ -136,3 +136,33 @@ def test_bundled_data_is_unchanged():
         digest, name = line.split()
         assert hashlib.sha256((data_dir() / name).read_bytes()).hexdigest() == digest, name
     assert "CC BY 4.0" in (data_dir() / "NOTICE").read_text()
+
+
+def test_csv_row_with_extra_values(tmp_path):
+    p = write(tmp_path, "d.csv", "text,label\na,b,c\n")
+    with pytest.raises(ValueError, match=r"d\.csv, row 2: more values than the 2 header columns"):
+        load_examples(p, "text", "label")
+
+
+def test_json_not_a_list(tmp_path):
+    p = write(tmp_path, "d.json", json.dumps({"rows": 1}))
+    with pytest.raises(ValueError, match=r"d\.json: expected a JSON list of objects"):
+        load_examples(p)
+
+
+def test_split_indices_out_of_range_and_bad_sizes():
+    with pytest.raises(ValueError, match=r"split 'test' has indices outside 0\.\.0: \[3\]"):
+        Task("t", "summarization", "Sum.", [Example("a", "b")], splits={"test": [3]})
+    exs = [Example(f"x{i}", "a") for i in range(10)]
+    with pytest.raises(ValueError, match=r"val_size: expected a count >= 0"):
+        split_indices(exs, val_size=-1, test_size=2)
+
+
+def test_cap_train_and_with_train_reject_bad_input():
+    t = load_task("medical")
+    with pytest.raises(ValueError, match=r"n_train: expected a positive integer, got 0"):
+        cap_train(t, 0)
+    with pytest.raises(ValueError, match=r"with_train: item 1 is a dict, expected an Example"):
+        t.with_train([t.train[0], {"input": "a", "target": "b"}])
+    with pytest.raises(ValueError, match=r"with_train needs at least one example"):
+        t.with_train([])
