@@ -11,7 +11,8 @@ import torch
 from vrnx_nb.tasks import Task, Example, load_task, render_prompt, render_pair, data_dir
 from vrnx_nb.models import tiny_model, tiny_model_path
 from vrnx_nb.evaluation import (bootstrap_ci, classification_metrics, rouge_metrics, task_metrics, tatqa_em_f1, parse_tatqa_answer,
-                                generate_batched, label_logliks, evaluate, results_table, plot_results, main_eval, Scores, _length_groups)
+                                generate_batched, label_logliks, evaluate, results_table, plot_results, main_eval, Scores, _length_groups,
+                                _prefix_clusters, _common_len)
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +122,29 @@ def test_batch_1_and_16_same_outputs(varied, name, n):
     assert all(len(x) == 10 for x in one) and len({tuple(x) for x in one}) > 1  # not a degenerate constant output
 
 
+def test_questions_on_one_table_share_their_context(varied, finance):
+    "Finance prompts put the report first: questions on one table share ~1,000 tokens, computed once, with the same replies."
+    model, tok = varied
+    exs = finance.test[:14]  # 6 + 6 + 2 questions on three tables
+    prompts = [render_prompt(finance, e, tok) for e in exs]
+    enc = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    clusters = _prefix_clusters(enc, _common_len(enc), 32)  # past the instruction all prompts share
+    assert sorted(len(c) for c in clusters) == [2, 6, 6]
+    assert all(len({exs[i].meta["table_uid"] for i in c}) == 1 for c in clusters)
+    import vrnx_nb.evaluation as ev
+    from unittest import mock
+    with mock.patch.object(ev, "_extend_prefix", wraps=ev._extend_prefix) as extend:
+        many = generate_batched(model, tok, prompts, batch_size=16, max_new_tokens=8, stop=set(), return_ids=True)
+    assert extend.call_count == 3  # each table's context computed once
+    for p, got in zip(prompts, many):  # the plain loop: `model.generate` on each prompt alone
+        x = tok(p, add_special_tokens=False, return_tensors="pt")
+        out = model.generate(**x, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert got == out[0, x["input_ids"].shape[1]:].tolist()
+    comps = [" 12.5 million<|im_end|>", " 3.2%<|im_end|>", " Revenue<|im_end|>"]
+    np.testing.assert_allclose(label_logliks(model, tok, prompts, comps, batch_size=16),
+                               label_logliks(model, tok, prompts, comps, batch_size=1, share_prefix=False), atol=1e-3)
+
+
 def test_early_stopped_rows_match_generate(varied, legal):
     "A row that hits the stop token leaves the batch; the others continue exactly as `model.generate` does alone."
     model, tok = varied
@@ -148,10 +172,13 @@ def test_loglik_batch_invariant_and_matches_forward(varied):
     a = label_logliks(model, tok, prompts, comps, batch_size=1)
     b = label_logliks(model, tok, prompts, comps, batch_size=16)
     np.testing.assert_allclose(a, b, atol=1e-3)
-    p = tok(prompts[3], add_special_tokens=False)["input_ids"]; c = tok(comps[5], add_special_tokens=False)["input_ids"]
-    c = c[:c.index(tok.convert_tokens_to_ids("<|im_end|>")) + 1]
-    with torch.no_grad(): lp = torch.log_softmax(model(torch.tensor([p + c])).logits[0], -1)
-    assert abs(a[3, 5] - sum(lp[len(p) - 1 + k, t].item() for k, t in enumerate(c))) < 1e-3
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    for i in (3, 7):  # every label scored alone by a plain forward pass: the packed, block-masked scoring agrees
+        p = tok(prompts[i], add_special_tokens=False)["input_ids"]
+        for j, comp in enumerate(comps):
+            c = tok(comp, add_special_tokens=False)["input_ids"]; c = c[:c.index(end) + 1]
+            with torch.no_grad(): lp = torch.log_softmax(model(torch.tensor([p + c])).logits[0], -1)
+            assert abs(b[i, j] - sum(lp[len(p) - 1 + k, t].item() for k, t in enumerate(c))) < 1e-3, (i, j)
 
 
 # --- metrics ---------------------------------------------------------------------------------------------------------

@@ -279,11 +279,11 @@ def _left_pad(seqs:list, pad_id:int, device):
     for r, s in enumerate(seqs): ids[r, L-len(s):] = torch.tensor(s, dtype=torch.long); mask[r, L-len(s):] = 1
     return ids.to(device), mask.to(device)
 
-def _length_groups(lengths:list, tol:float) -> list:
-    "Indices grouped (longest first) so that no group pads more than `tol` x its shortest row."
+def _length_groups(lengths:list, tol:float, slack:int=0) -> list:
+    "Indices grouped (longest first) so that no row pads beyond `tol` x its length or by more than `slack` tokens."
     groups = []
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        if groups and lengths[groups[-1][0]] <= tol * lengths[i]: groups[-1].append(i)
+        if groups and (lengths[groups[-1][0]] <= tol * lengths[i] or lengths[groups[-1][0]] - lengths[i] <= slack): groups[-1].append(i)
         else: groups.append([i])
     return groups
 
@@ -297,12 +297,16 @@ def _growing_layer_class():
     from transformers.cache_utils import DynamicLayer
     class _Growing(DynamicLayer):
         "A key/value cache layer with room reserved: appending a token writes in place instead of copying the whole cache."
-        def __init__(self, keys, values, extra:int):
+        def __init__(self, keys, values, extra:int, n:int|None=None):  # n given: keys/values are buffers whose first n are filled
             super().__init__()
-            self.device, self.is_initialized, self._n = keys.device, True, keys.shape[-2]
-            self._k = keys.new_empty(*keys.shape[:2], self._n + extra, keys.shape[-1]); self._k[:, :, :self._n] = keys
-            self._v = values.new_empty(*values.shape[:2], self._n + extra, values.shape[-1]); self._v[:, :, :self._n] = values
+            self.device, self.is_initialized = keys.device, True
+            if n is not None: self._k, self._v, self._n = keys, values, n
+            else:
+                self._n = keys.shape[-2]
+                self._k = keys.new_empty(*keys.shape[:2], self._n + extra, keys.shape[-1]); self._k[:, :, :self._n] = keys
+                self._v = values.new_empty(*values.shape[:2], self._n + extra, values.shape[-1]); self._v[:, :, :self._n] = values
             self._views()
+        def room(self) -> int: return self._k.shape[-2] - self._n
         def _views(self): self.keys, self.values = self._k[:, :, :self._n], self._v[:, :, :self._n]
         def update(self, key_states, value_states, *args, **kwargs):
             n = self._n + key_states.shape[-2]
@@ -326,7 +330,7 @@ except ImportError: _GrowingLayer = type(None)  # transformers without cache lay
 def _reserve(cache, extra:int):
     "Give each layer of a plain cache room for `extra` more tokens (decoding then appends in place)."
     if _plain_cache(cache) and _GrowingLayer is not type(None):
-        cache.layers = [_GrowingLayer(l.keys, l.values, extra) for l in cache.layers]
+        cache.layers = [l if isinstance(l, _GrowingLayer) and l.room() >= extra else _GrowingLayer(l.keys, l.values, extra) for l in cache.layers]
     return cache
 
 @torch.no_grad()
@@ -344,43 +348,87 @@ def _kv_cache(layers:list, model):
     from transformers import DynamicCache
     return DynamicCache(layers, config=getattr(model, "config", None))
 
+def _common_len(seqs:list) -> int:
+    "Length of the token prefix all `seqs` share."
+    n, first = min(map(len, seqs)), seqs[0]
+    for s in seqs[1:]: n = next((i for i in range(n) if s[i] != first[i]), n)
+    return n
+
+def _prefix_clusters(seqs:list, start:int, min_shared:int) -> list:
+    "Indices of `seqs` grouped so each group shares at least `min_shared` tokens past `start` (e.g. questions on one table)."
+    clusters = []
+    for i in sorted(range(len(seqs)), key=lambda i: seqs[i]):  # sorted token lists: shared prefixes sit together
+        if clusters and _common_len([seqs[clusters[-1][0]], seqs[i]]) - start >= min_shared: clusters[-1].append(i)
+        else: clusters.append([i])
+    return clusters
+
 @torch.no_grad()
-def _prefill(model, seqs:list, pad_id:int, arg:str, prefix=None, tol:float=1.05):
+def _extend_prefix(model, prefix, tokens:list, arg:str):
+    "The prefix `(length, layers)` (or None) extended by `tokens`, computed once for one row; None when the cache cannot be cut."
+    P = prefix[0] if prefix else 0
+    cache = _kv_cache(list(prefix[1]), model) if prefix else None
+    dev = _first_param(model).device
+    _, cache = _forward(model, cache, arg, input_ids=torch.tensor([tokens], device=dev),
+                        position_ids=torch.arange(P, P + len(tokens), device=dev)[None], logits_to_keep=1)
+    return (P + len(tokens), [(l.keys, l.values) for l in cache.layers]) if _plain_cache(cache) else None
+
+@torch.no_grad()
+def _prefill(model, seqs:list, pad_id:int, arg:str, prefix=None, tol:float=1.05, min_shared:int|None=32, slack:int=16, extra:int=0):
     "(last logits, cache, mask, last positions) of prompts run in groups of similar length, caches stitched left-padded."
     dev = _first_param(model).device
     P = prefix[0] if prefix else 0
-    groups = _length_groups([len(s) - P for s in seqs], tol)
+    groups, rest = [], []  # (row indices, the prefix they share); rows that share only `prefix`
+    for c in (_prefix_clusters(seqs, P, min_shared) if min_shared else [list(range(len(seqs)))]):
+        pre, n = None, _common_len([seqs[i] for i in c]) - 1  # keep at least one token per row to prefill
+        if min_shared and len(c) > 1 and n - P >= min_shared: pre = _extend_prefix(model, prefix, seqs[c[0]][P:n], arg)
+        if pre is None: rest += c; continue
+        # a row may pad by (tol - 1) x its whole length, shared prefix included: pads are cheap next to a long prefix
+        groups += [([c[k] for k in g], pre) for g in _length_groups([len(seqs[i]) - pre[0] for i in c], tol, max(slack, int((tol - 1) * pre[0])))]
+    groups += [([rest[k] for k in g], prefix) for g in _length_groups([len(seqs[i]) - P for i in rest], tol, max(slack, int((tol - 1) * P)))]
     parts = []
-    for g in groups:
-        ids, mask = _left_pad([seqs[i][P:] for i in g], pad_id, dev)
+    for g, pre in groups:
+        Q = pre[0] if pre else 0
+        ids, mask = _left_pad([seqs[i][Q:] for i in g], pad_id, dev)
         cache = None
-        if prefix:  # the shared prefix's keys/values, once per row; pads sit between prefix and suffix
-            cache = _kv_cache([(k.expand(len(g), -1, -1, -1).contiguous(), v.expand(len(g), -1, -1, -1).contiguous()) for k, v in prefix[1]], model)
-            mask = torch.cat([mask.new_ones(len(g), P), mask], 1)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, P:]
+        if pre:  # the shared prefix's keys/values, once per row, with room for the rest; pads sit between prefix and suffix
+            rows = [(k.expand(len(g), -1, -1, -1), v.expand(len(g), -1, -1, -1)) for k, v in pre[1]]
+            cache = _kv_cache([(k.contiguous(), v.contiguous()) for k, v in rows[:1]], model)  # the cache type, from one layer
+            cache.layers = [_GrowingLayer(k, v, ids.shape[1]) for k, v in rows] if _GrowingLayer is not type(None) else \
+                           _kv_cache([(k.contiguous(), v.contiguous()) for k, v in rows], model).layers
+            mask = torch.cat([mask.new_ones(len(g), Q), mask], 1)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, Q:]
         logits, cache = _forward(model, cache, arg, input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1)
         parts.append((logits[:, -1], cache, mask, pos[:, -1]))
     if len(parts) > 1 and not _plain_cache(parts[0][1]):  # sliding-window or other caches: one padded pass instead
         ids, mask = _left_pad(seqs, pad_id, dev); pos = (mask.cumsum(-1) - 1).clamp(min=0)
         logits, cache = _forward(model, input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1)
         return logits[:, -1], cache, mask, pos[:, -1]
-    inv = torch.argsort(torch.tensor([i for g in groups for i in g], device=dev))
+    inv = torch.argsort(torch.tensor([i for g, _ in groups for i in g], device=dev))
     if len(parts) == 1:
         lg, cache, mask, last = parts[0]
         if not torch.equal(inv, torch.arange(len(inv), device=dev)): cache.batch_select_indices(inv)
         return lg[inv], cache, mask[inv], last[inv]
-    L = max(m.shape[1] for _, _, m, _ in parts)
-    lpad = lambda t: torch.nn.functional.pad(t, (0, 0, L - t.shape[-2], 0))
-    layers = [(torch.cat([lpad(c.layers[j].keys) for _, c, _, _ in parts])[inv], torch.cat([lpad(c.layers[j].values) for _, c, _, _ in parts])[inv])
-              for j in range(len(parts[0][1].layers))]
+    L, order = max(m.shape[1] for _, _, m, _ in parts), [i for g, _ in groups for i in g]
+    stitched = []  # each layer: one left-padded buffer in the callers' row order, with room for `extra` more tokens
+    for j in range(len(parts[0][1].layers)):
+        k0 = parts[0][1].layers[j].keys
+        bk, bv = (k0.new_zeros(len(seqs), k0.shape[1], L + extra, k0.shape[-1]) for _ in range(2))
+        r = 0
+        for _, c, m, _ in parts:
+            rows = torch.tensor(order[r:r + m.shape[0]], device=dev); r += m.shape[0]
+            bk[rows, :, L - m.shape[1]:L] = c.layers[j].keys; bv[rows, :, L - m.shape[1]:L] = c.layers[j].values
+        stitched.append((bk, bv))
     mask = torch.cat([torch.nn.functional.pad(m, (L - m.shape[1], 0)) for _, _, m, _ in parts])[inv]
-    return torch.cat([p[0] for p in parts])[inv], _kv_cache(layers, model), mask, torch.cat([p[3] for p in parts])[inv]
+    cache = parts[0][1]; parts_logits = torch.cat([p[0] for p in parts])[inv]; last = torch.cat([p[3] for p in parts])[inv]
+    if _GrowingLayer is not type(None): cache.layers = [_GrowingLayer(k, v, extra, n=L) for k, v in stitched]
+    else: cache = _kv_cache([(k[:, :, :L], v[:, :, :L]) for k, v in stitched], model)
+    return parts_logits, cache, mask, last
 
 @torch.no_grad()
-def _greedy(model, seqs:list, max_new_tokens:int, stop:set, pad_id:int, prefix=None) -> list:
+def _greedy(model, seqs:list, max_new_tokens:int, stop:set, pad_id:int, prefix=None, min_shared:int|None=32) -> list:
     "Greedy continuations (token ids, stop token excluded) of a batch of token-id lists."
     dev, arg = _first_param(model).device, _cache_arg(model)
-    first, cache, mask, last = _prefill(model, seqs, pad_id, arg, prefix)
+    first, cache, mask, last = _prefill(model, seqs, pad_id, arg, prefix, min_shared=min_shared, extra=max_new_tokens)
     cache, nxt = _reserve(cache, max_new_tokens), first.argmax(-1)
     alive, out = torch.arange(len(seqs), device=dev), [[] for _ in seqs]
     stop_t = torch.tensor(sorted(stop) or [-1], device=dev)
@@ -403,9 +451,13 @@ def _pad_id(tokenizer, model=None) -> int:
         if v is not None: return int(v)
     return 0
 
-def _batches(n:int, lengths:list, batch_size:int, sort:bool):
-    order = sorted(range(n), key=lambda i: -lengths[i]) if sort else list(range(n))
-    return [order[i:i+batch_size] for i in range(0, n, batch_size)]
+def _batches(enc:list, batch_size:int, sort:bool, start:int=0, min_shared:int|None=32):
+    "Batches of indices: prompts sharing a long prefix kept together, then longest first (`sort`), else in order."
+    if not sort: order = list(range(len(enc)))
+    else:
+        clusters = sorted(_prefix_clusters(enc, start, min_shared) if min_shared else [[i] for i in range(len(enc))], key=lambda c: -max(len(enc[i]) for i in c))
+        order = [i for c in clusters for i in sorted(c, key=lambda i: -len(enc[i]))]
+    return [order[i:i+batch_size] for i in range(0, len(enc), batch_size)]
 
 def generate_batched(model, tokenizer, # a causal LM and its tokenizer
                      prompts:list, # prompt texts (chat template already applied)
@@ -425,15 +477,23 @@ def generate_batched(model, tokenizer, # a causal LM and its tokenizer
     stop = stop_token_ids(tokenizer, model) if stop is None else stop
     prefix = _shared_prefix(model, enc, _cache_arg(model)) if share_prefix else None
     out = [None] * len(prompts)
-    batches = _batches(len(enc), [len(e) for e in enc], batch_size, sort)
+    shared = 32 if share_prefix else None  # prompts sharing >= 32 more tokens (one table, one document) compute them once
+    batches = _batches(enc, batch_size, sort, prefix[0] if prefix else 0, shared)
     if progress:
         from tqdm.auto import tqdm; batches = tqdm(batches, desc="generate")
     for idx in batches:
-        for i, toks in zip(idx, _greedy(model, [enc[i] for i in idx], max_new_tokens, stop, _pad_id(tokenizer, model), prefix)):
+        for i, toks in zip(idx, _greedy(model, [enc[i] for i in idx], max_new_tokens, stop, _pad_id(tokenizer, model), prefix, shared)):
             out[i] = toks if return_ids else tokenizer.decode(toks, skip_special_tokens=True).strip()
     return out
 
 # %% ../nbs/06_evaluation.ipynb #dec6d8cd
+def _packed_completions(comp:list, dev):
+    "All completions' tokens (but each one's last) in one row: ids, next-token targets, label index, offset, block-causal mask."
+    rows = [(c[k], c[k+1], j, k) for j, c in enumerate(comp) for k in range(len(c) - 1)]
+    ids, tgt, seg, off = (torch.tensor([r[i] for r in rows], dtype=torch.long, device=dev) for i in range(4))
+    see = (seg[:, None] == seg[None, :]) & (off[None, :] <= off[:, None])  # a token sees its own label's earlier tokens
+    return ids, tgt, seg, off, see
+
 @torch.no_grad()
 def label_logliks(model, tokenizer, # a causal LM and its tokenizer
                   prompts:list, # prompt texts (chat template applied)
@@ -451,25 +511,24 @@ def label_logliks(model, tokenizer, # a causal LM and its tokenizer
         ids = tokenizer(c, add_special_tokens=False)["input_ids"]
         if not ids: raise ValueError(f"label_logliks: completion {c!r} tokenizes to nothing")
         comp.append(ids[:next((k+1 for k, t in enumerate(ids) if t in stop), len(ids))])  # what follows end-of-turn is not scored
-    C, Lc = len(comp), max(map(len, comp))
-    cids = torch.full((C, Lc), _pad_id(tokenizer), dtype=torch.long, device=dev); cmask = torch.zeros((C, Lc), dtype=torch.long, device=dev)
-    for j, c in enumerate(comp): cids[j, :len(c)] = torch.tensor(c); cmask[j, :len(c)] = 1
+    C = len(comp)
+    heads = torch.tensor([c[0] for c in comp], device=dev)
+    ids, tgt, seg, off, see = _packed_completions(comp, dev)
     prefix = _shared_prefix(model, enc, arg) if share_prefix and enc else None
     out = np.zeros((len(prompts), C))
-    for idx in _batches(len(enc), [len(e) for e in enc], batch_size, sort):
+    shared = 32 if share_prefix else None
+    for idx in _batches(enc, batch_size, sort, prefix[0] if prefix else 0, shared):
         B = len(idx)
-        logits, cache, mask, last = _prefill(model, [enc[i] for i in idx], _pad_id(tokenizer), arg, prefix)
-        first = torch.log_softmax(logits.float(), -1)  # (B, V): the first completion token
-        total = first.repeat_interleave(C, 0).gather(-1, cids.repeat(B, 1)[:, :1]).squeeze(-1)
-        if Lc > 1:  # feed all but the last completion token; score tokens 1..Lc-1
-            cache.batch_repeat_interleave(C)
-            x, tgt, tm = cids[:, :-1].repeat(B, 1), cids[:, 1:].repeat(B, 1), cmask[:, 1:].repeat(B, 1)
-            full = torch.cat([mask.repeat_interleave(C, 0), cmask[:, :-1].repeat(B, 1)], 1)
-            xpos = last.repeat_interleave(C)[:, None] + 1 + torch.arange(Lc - 1, device=dev)
-            logits2, _ = _forward(model, cache, arg, input_ids=x, attention_mask=full, position_ids=xpos)
-            lp = torch.log_softmax(logits2.float(), -1).gather(-1, tgt[..., None]).squeeze(-1)
-            total = total + (lp * tm).sum(-1)
-        out[idx] = total.view(B, C).cpu().numpy()
+        logits, cache, mask, last = _prefill(model, [enc[i] for i in idx], _pad_id(tokenizer), arg, prefix, min_shared=shared)
+        total = torch.log_softmax(logits.float(), -1)[:, heads]  # (B, C): each completion's first token
+        if len(ids):  # every label's later tokens in one row per prompt, kept apart by a block-causal mask
+            allowed = torch.cat([mask.bool()[:, None, :].expand(B, len(ids), -1), see.expand(B, -1, -1)], -1)[:, None]
+            bias = torch.zeros(allowed.shape, dtype=logits.dtype, device=dev).masked_fill(~allowed, torch.finfo(logits.dtype).min)
+            pos = last[:, None] + 1 + off[None, :]
+            logits2, _ = _forward(model, cache, arg, input_ids=ids.expand(B, -1), attention_mask=bias, position_ids=pos)
+            lp = torch.log_softmax(logits2.float(), -1).gather(-1, tgt.expand(B, -1)[..., None]).squeeze(-1)
+            total = total.index_add(1, seg, lp)
+        out[idx] = total.cpu().numpy()
     return out
 
 # %% ../nbs/06_evaluation.ipynb #d46aee6e

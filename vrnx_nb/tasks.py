@@ -282,7 +282,7 @@ def _finance() -> Task:
             where = f"{path}, context {c}, question {q.get('uid')}"
             for f in ("question", "answer", "answer_type", "scale"):
                 if f not in q: raise ValueError(f"{where}: missing field {f!r}")
-            exs.append(Example(f"Question: {q['question']}\n\n{context}", format_answer(q["answer"], q["scale"]), id=q["uid"],
+            exs.append(Example(f"{context}\n\nQuestion: {q['question']}", format_answer(q["answer"], q["scale"]), id=q["uid"],
                                meta={"answer": q["answer"], "answer_type": q["answer_type"], "scale": q["scale"],
                                      "question": q["question"], "answer_from": q.get("answer_from", ""), "table_uid": ctx["table"]["uid"]}))
             groups.append(ctx["table"]["uid"])
