@@ -1,16 +1,17 @@
 """Evaluation throughput: SmolLM2-135M on each bundled task, batch 1 vs batch 16.
 
 Batch 1 is the plain loop: `model.generate` on one prompt at a time, greedy (classification parsed from the text).
-Batch 16 is what `evaluate` does: prompts sorted by length, the shared prompt prefix run once, prompts of similar
-length prefilled together and their caches stitched, left padding, room for the reply reserved in the cache (no copy
+Batch 16 is what `evaluate` does: prompts sorted by length, the shared prompt prefix run once (and a longer one shared
+by a cluster of prompts, such as finance questions on one report, once per cluster), prompts of similar length
+prefilled together and their caches stitched, left padding, room for the reply reserved in the cache (no copy
 per step), finished rows dropped; for classification the
-label is chosen by log-likelihood (one scoring pass instead of generation). Both use the same reply budget (from the
+label is chosen by log-likelihood (all labels scored in one packed pass instead of generation). Both use the same reply budget (from the
 train targets' lengths) and the same stop tokens, so their replies can be compared (`same_as_batch1`).
 Writes bench/results/eval_throughput.csv and prints the overall examples/s ratio last.
 
 Usage: python bench/eval_throughput.py [--n 32] [--threads 2]
 """
-import argparse, csv, time
+import argparse, csv, os, time
 from pathlib import Path
 import torch
 from vrnx_nb.models import load_model
@@ -19,7 +20,8 @@ from vrnx_nb.evaluation import generate_batched, label_logliks, default_max_new_
 from dataclasses import replace
 
 def timed(fn):
-    t0 = time.perf_counter(); out = fn(); return out, time.perf_counter() - t0
+    "(result, seconds, 1-minute load average when it started): on a shared machine the load decides the numbers."
+    load = os.getloadavg()[0]; t0 = time.perf_counter(); out = fn(); return out, time.perf_counter() - t0, load
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
@@ -44,20 +46,20 @@ def main(argv=None):
                     out.append(tok.decode(y[0, x["input_ids"].shape[1]:], skip_special_tokens=True).strip())
             return out
         score = lambda preds: task_metrics(task, [match_label(x, task.labels) for x in preds] if task.labels else preds, exs, n_boot=200)["metrics"][task.metric]
-        one, t1 = timed(plain_loop)
-        many, t16 = timed(lambda: generate_batched(model, tok, prompts, batch_size=16, max_new_tokens=budget))
+        one, t1, l1 = timed(plain_loop)
+        many, t16, l16 = timed(lambda: generate_batched(model, tok, prompts, batch_size=16, max_new_tokens=budget))
         same = sum(x == y for x, y in zip(one, many))
         rows += [dict(task=name, config="batch1-generate", batch_size=1, n=len(exs), max_new_tokens=budget, seconds=round(t1, 2),
-                      examples_per_s=round(len(exs)/t1, 3), same_as_batch1=len(exs), score=round(score(one), 4)),
+                      examples_per_s=round(len(exs)/t1, 3), same_as_batch1=len(exs), score=round(score(one), 4), threads=a.threads, load_avg_1m=round(l1, 2)),
                  dict(task=name, config="batch16-generate", batch_size=16, n=len(exs), max_new_tokens=budget, seconds=round(t16, 2),
-                      examples_per_s=round(len(exs)/t16, 3), same_as_batch1=same, score=round(score(many), 4))]
+                      examples_per_s=round(len(exs)/t16, 3), same_as_batch1=same, score=round(score(many), 4), threads=a.threads, load_avg_1m=round(l16, 2))]
         best = t16
         if task.kind == "classification":
             comps = [render_pair(task, replace(exs[0], target=l), tok)["completion"] for l in task.labels]
-            ll, tl = timed(lambda: label_logliks(model, tok, prompts, comps, batch_size=16))
+            ll, tl, ltl = timed(lambda: label_logliks(model, tok, prompts, comps, batch_size=16))
             preds = [task.labels[j] for j in ll.argmax(1)]
             rows.append(dict(task=name, config="batch16-loglik", batch_size=16, n=len(exs), max_new_tokens=0, seconds=round(tl, 2),
-                             examples_per_s=round(len(exs)/tl, 3), same_as_batch1="", score=round(task_metrics(task, preds, exs, n_boot=200)["metrics"]["accuracy"], 4)))
+                             examples_per_s=round(len(exs)/tl, 3), same_as_batch1="", score=round(task_metrics(task, preds, exs, n_boot=200)["metrics"]["accuracy"], 4), threads=a.threads, load_avg_1m=round(ltl, 2)))
             best = tl
         base_s += t1; fast_s += best; n_all += len(exs)
         for r in rows[-3:]:

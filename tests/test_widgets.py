@@ -79,3 +79,22 @@ def test_states_work_without_ipywidgets_and_wizards_say_what_to_install():
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[0] == "1"
     assert "ERR The wizards need ipywidgets: `pip install ipywidgets`" in out.stdout
+
+
+def test_train_state_export_step(tmp_path):
+    "The wizard's export step: refused before training, then a gptq folder calibrated on the state's task, in the background."
+    from vrnx_nb.widgets import TrainState
+    from vrnx_nb.deploy import read_export
+    task = load_task("legal", n_train=16)
+    st = TrainState("tiny", task, method="lora", r=4, epochs=1, output_dir=str(tmp_path/"run"),
+                    finetune_kwargs=dict(max_steps=2, batch_size=4, max_val_examples=4))
+    with pytest.raises(ValueError, match="no finished run"): st.start_export("gptq")
+    st.run()
+    with pytest.raises(ValueError, match="format: expected one of"): st.start_export("gguf")
+    st.start_export("gptq", n_calibration=4)
+    assert st.exporter.wait(120) == "done", st.exporter.error
+    assert st.exported.output_dir == str(tmp_path/"run") + "-gptq"
+    info = read_export(st.exported.output_dir)
+    assert (info["format"], info["quantization"]["n_calibration"], info["task"]) == ("gptq", 4, "legal")
+    st.start_export("gptq"); st.exporter.wait(60)   # the folder exists now: the thread reports the error
+    assert st.exporter.status == "error" and "already exists" in st.exporter.error

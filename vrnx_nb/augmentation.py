@@ -907,6 +907,9 @@ class TeacherEndpoint:
     def pipeline(self, **kw) -> SyntheticPipeline:
         "A `SyntheticPipeline` that uses this endpoint (free: prices default to 0)."
         kw.setdefault("price_per_1k_prompt", 0.0); kw.setdefault("price_per_1k_completion", 0.0)
+        # a local server on a busy CPU is slow, and a request the client gives up on keeps running there:
+        # retrying it only piles up work (seen: 12 minutes, 1 reply, at 120 s), so wait long instead
+        kw.setdefault("timeout", 1800.0)
         return SyntheticPipeline(teacher_model=self.model, base_url=self.base_url, **kw)
 
 def free_port(host:str="127.0.0.1") -> int:

@@ -17,7 +17,9 @@ STAGES = {"demo": ("vrnx_nb.cli", "main_demo", "the whole flow on the embedded d
           "recommend": ("vrnx_nb.recommend", "main_recommend", "strategy and memory breakdown for a data size and GPU"),
           "augment": ("vrnx_nb.augmentation", "main_augment", "grow a task's training data with a teacher model"),
           "train": ("vrnx_nb.training", "main_train", "fine-tune with full, lora, qlora or adapter"),
-          "eval": ("vrnx_nb.evaluation", "main_eval", "score a model or a run on a task's metric, with CIs")}
+          "eval": ("vrnx_nb.evaluation", "main_eval", "score a model or a run on a task's metric, with CIs"),
+          "export": ("vrnx_nb.deploy", "main_export", "merge a run and export it (merged, gptq, awq, bnb4) with a model card"),
+          "experiment": ("vrnx_nb.experiments", "main_experiment", "the paper's experiments: methods, scaling, ranks; table and plots")}
 
 def _commands_help() -> str:
     return "commands:\n" + "\n".join(f"  {name:<10} {helptext}" for name, (_, _, helptext) in STAGES.items())

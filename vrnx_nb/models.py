@@ -185,10 +185,12 @@ def load_model(name:str|os.PathLike=DEFAULT_MODEL, # alias ('smollm2-135m', 'tin
     tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
     if quantization_config is not None: kwargs.setdefault("device_map", {"": 0} if device == "cuda" else {"": device})
     try:
+        # passed only when given: `quantization_config=None` would make transformers ignore the folder's own (compressed-tensors)
+        if quantization_config is not None: kwargs["quantization_config"] = quantization_config
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     quantization_config=quantization_config, local_files_only=_offline(), **kwargs)
+                                                     local_files_only=_offline(), **kwargs)
     except OSError as e: raise _hub_error(name, e) from e
-    if quantization_config is None and "device_map" not in kwargs: model = model.to(device)
+    if "device_map" not in kwargs and not getattr(model, "is_quantized", False): model = model.to(device)
     if model.generation_config.pad_token_id is None: model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
 

@@ -468,6 +468,7 @@ class TrainState:
         self.runner = BackgroundRun("vrnx-train")
         self.history, self.step, self.max_steps, self.result, self.scores, self.on_update = [], 0, 0, None, None, None
         self.phase = "" # 'loading', 'training', 'saving', 'evaluating' while a run is on
+        self.exporter, self.exported = BackgroundRun("vrnx-export"), None # the export step: its thread and `ExportResult`
 
     @property
     def stop_event(self) -> threading.Event: return self.runner.stop_event
@@ -508,6 +509,23 @@ class TrainState:
             self.scores = evaluate(self.result, self.task, limit=self.eval_limit)
         self.phase = ""; self._changed()
         return self.result
+
+    def export(self, format:str="merged", # 'merged', 'gptq', 'awq' or 'bnb4'
+               output_dir:str|None=None, # default: `<run folder>-<format>`
+               **kw): # more `vrnx_nb.deploy.export` arguments (overwrite, dtype, n_calibration, ...)
+        "Export the finished run (blocking); the `ExportResult`. gptq/awq calibrate on this state's task."
+        from vrnx_nb.deploy import export
+        if self.result is None: raise ValueError("export: there is no finished run yet; train first")
+        self.exported = None
+        self.exported = export(self.result, format, output_dir, task=self.task, **kw)
+        return self.exported
+
+    def start_export(self, format:str="merged", on_end:Callable|None=None, **kw) -> threading.Thread:
+        "`export` in a background thread; `self.exporter` has its status."
+        from vrnx_nb.deploy import require_format
+        if self.result is None: raise ValueError("export: there is no finished run yet; train first")
+        require_format(format)
+        return self.exporter.start(lambda stop: self.export(format, **kw), on_end)
 
     def start(self, on_end:Callable|None=None) -> threading.Thread:
         "`run` in a background thread; `self.runner` has its status."
@@ -577,6 +595,11 @@ class TrainWizard(_View):
         self.status = self._css(W.HTML(), "status")
         self.chart = self._css(W.Image(format="png", layout=W.Layout(width="520px", height="auto", object_fit="contain")), "chart")
         self.saved = self._css(W.HTML(), "saved")
+        from vrnx_nb.deploy import FORMATS
+        self.export_format = self._css(W.Dropdown(options=list(FORMATS), value="merged", description="export as"), "export-format")
+        self.export_button = self._css(W.Button(description="export", icon="download", disabled=True), "export")
+        self.export_status = self._css(W.HTML(), "export-status")
+        self.export_button.on_click(lambda b: self.export())
         self.run_button.on_click(lambda b: self.start())
         self.stop_button.on_click(lambda b: self.state.runner.stop())
         self.fill_button.on_click(lambda b: self.fill_from_strategy())
@@ -584,7 +607,8 @@ class TrainWizard(_View):
         self._drawn = 0.0
         self.box = self._css(W.VBox([W.HTML("<b>Fine-tune</b>"), W.HBox([self.model, self.task]), W.HBox([self.method, self.r]),
                                      W.HBox([self.epochs, self.evaluate_after]), W.HBox([self.run_button, self.stop_button, self.fill_button]),
-                                     W.HBox([self.progress, self.status]), self.chart, self.saved]), "box")
+                                     W.HBox([self.progress, self.status]), self.chart, self.saved,
+                                     W.HBox([self.export_format, self.export_button, self.export_status])]), "box")
         self.refresh()
 
     def fill_from_strategy(self):
@@ -615,6 +639,14 @@ class TrainWizard(_View):
         self.saved.value, self.status.value, self.progress.value = "", "loading the model ...", 0
         self.state.start(on_end=lambda r: self._ended())
 
+    def export(self):
+        "What the export button does: export the finished run in the picked format, in the background."
+        try: self.state.start_export(self.export_format.value, on_end=lambda r: self.refresh())
+        except (ValueError, ImportError) as e:
+            self.export_status.value = f'<span style="color:#b00">{_esc(e)}</span>'; return
+        self.export_button.disabled = True
+        self.export_status.value = f"exporting as {_esc(self.export_format.value)} ..."
+
     def _ended(self):
         s = self.state
         if s.scores is not None and self.dashboard is not None: self.dashboard.add(s.scores)
@@ -637,6 +669,11 @@ class TrainWizard(_View):
             self.chart.value = fig_png(s.plot()); self._drawn = time.time()
         if s.result is not None:
             self.saved.value = f"saved to <code>{_esc(s.result.output_dir)}</code>"
+        ex = s.exporter
+        self.export_button.disabled = s.result is None or running or ex.running
+        if ex.status == "error": self.export_status.value = f'<span style="color:#b00"><b>export failed</b>: {_esc(ex.error)}</span>'
+        elif ex.status == "done" and s.exported is not None:
+            self.export_status.value = f"{_esc(s.exported.format)}, {s.exported.size_mb:.1f} MB: <code>{_esc(s.exported.output_dir)}</code>"
 
     def wait(self, timeout:float|None=None) -> str: return self.state.runner.wait(timeout)
 
