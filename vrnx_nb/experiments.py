@@ -14,10 +14,11 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['TASK_BUDGETS', 'TOKENS_PER_S', 'EXAMPLES_PER_S', 'EXP_METHODS', 'AUGMENT_DEFAULT', 'R_RANGE', 'RESULT_COLUMNS',
-           'SYNTH_MAX_TOKENS', 'STATS', 'PAPER_CLAIMS', 'ExperimentConfig', 'read_results', 'append_result',
-           'find_result', 'synthetic_path', 'synthetic_examples', 'default_cache', 'run_experiment', 'method_grid',
-           'scaling_grid', 'rank_grid', 'run_grid', 'paper_table', 'experiment_table', 'plot_scaling', 'plot_ranks',
-           'Multiplier', 'effective_multiplier', 'peak_share', 'main_experiment']
+           'SYNTH_MAX_TOKENS', 'STATS', 'PAPER_CLAIMS', 'ExperimentConfig', 'format_metrics', 'parse_metrics',
+           'read_results', 'append_result', 'find_result', 'synthetic_path', 'synthetic_examples', 'default_cache',
+           'run_experiment', 'method_grid', 'scaling_grid', 'rank_grid', 'run_grid', 'paper_table', 'experiment_table',
+           'majority_share', 'runs_table', 'plot_scaling', 'plot_ranks', 'Multiplier', 'effective_multiplier',
+           'peak_share', 'main_experiment']
 
 # %% ../nbs/07_experiments.ipynb #525558da
 TASK_BUDGETS = {"legal":   dict(batch_size=8, max_steps=12, max_length=512, limit=100),
@@ -109,7 +110,7 @@ class ExperimentConfig:
 # %% ../nbs/07_experiments.ipynb #ae82c0c1
 RESULT_COLUMNS = [f.name for f in fields(ExperimentConfig)] + [
     "label", "key", "metric", "score", "ci_low", "ci_high", "n_test", "n_train_total", "synthetic_generated", "synthetic_kept",
-    "train_steps", "train_tokens", "train_s", "eval_s", "output_dir", "timestamp"]
+    "train_steps", "train_tokens", "train_s", "eval_s", "output_dir", "timestamp", "other_metrics"]
 _NUMERIC = ("r", "n_train", "augment", "seed", "epochs", "learning_rate", "max_steps", "batch_size", "max_length", "max_val_examples", "limit",
             "quality_threshold", "score", "ci_low", "ci_high", "n_test", "n_train_total", "synthetic_generated", "synthetic_kept",
             "train_steps", "train_tokens", "train_s", "eval_s")
@@ -118,6 +119,23 @@ def _fmt(v) -> str:
     if v is None: return ""
     if isinstance(v, float): return repr(float(v))
     return str(v)
+
+def format_metrics(metrics:dict, # metric name -> value
+                   ci:dict, # metric name -> (low, high)
+                   skip:str="", # the main metric, stored in its own columns
+                  ) -> str:
+    "The secondary metrics of a run as one CSV field: 'name=value [low, high]' joined by ';'."
+    return ";".join(f"{k}={float(v):.4f} [{float(ci[k][0]):.4f}, {float(ci[k][1]):.4f}]" for k, v in metrics.items() if k != skip)
+
+def parse_metrics(field:str, # an `other_metrics` field
+                 ) -> dict:
+    "name -> (value, low, high) from an `other_metrics` field."
+    out = {}
+    for part in filter(None, str(field or "").split(";")):
+        m = re.fullmatch(r"\s*([\w.-]+)=([-\d.e]+) \[([-\d.e]+), ([-\d.e]+)\]\s*", part)
+        if not m: raise ValueError(f"other_metrics: expected 'name=value [low, high]', got {part!r}")
+        out[m[1]] = tuple(float(x) for x in m.groups()[1:])
+    return out
 
 def read_results(path:str|Path, # the results CSV
                 ) -> "pd.DataFrame":
@@ -156,6 +174,9 @@ def append_result(path:str|Path, # the results CSV (created with its header)
     "Append one row atomically (lock, single write, fsync); cuts a torn last line left by a killed writer."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     missing = [c for c in RESULT_COLUMNS if c not in row]
+    if path.exists() and path.stat().st_size:
+        with open(path, encoding="utf-8") as f: header = next(csv.reader([f.readline().rstrip("\n")]))
+        if header != RESULT_COLUMNS: raise ValueError(f"{path}, line 1: header {header} does not match the expected columns {RESULT_COLUMNS}; write to a new results file")
     if missing: raise ValueError(f"append_result: row lacks columns {missing}")
     buf = io.StringIO(); csv.writer(buf, lineterminator="\n").writerow([_fmt(row[c]) for c in RESULT_COLUMNS])
     with open(path, "a+b") as f:
@@ -289,7 +310,8 @@ def run_experiment(cfg:ExperimentConfig, # the run
     row = asdict(cfg) | {"label": cfg.label, "key": key, "metric": s.metric, "score": float(s.score), "ci_low": float(lo), "ci_high": float(hi),
                          "n_test": s.n, "n_train_total": n_total, "synthetic_generated": meta["generated"], "synthetic_kept": meta["kept"],
                          "train_steps": steps, "train_tokens": tokens, "train_s": round(train_s, 1), "eval_s": round(time.time() - t0, 1),
-                         "output_dir": str(out) if cfg.method != "zero-shot" else "", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                         "output_dir": str(out) if cfg.method != "zero-shot" else "", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                         "other_metrics": format_metrics(s.metrics, s.ci, skip=s.metric)}
     append_result(results_csv, row)
     if cfg.method == "full" and not keep_weights:
         for f in list(out.glob("*.safetensors")) + list(out.glob("*.bin")): f.unlink()
@@ -399,6 +421,34 @@ def experiment_table(results, # results CSV path or DataFrame
     table.attrs["n_train"], table.attrs["r"] = n_train, r
     if with_paper: table["paper: % of full FT"] = paper_table()["% of full fine-tuning"].reindex(table.index)
     return table
+
+# %% ../nbs/07_experiments.ipynb #ed6805e6
+def majority_share(task:str, # a bundled task name (classification)
+                   n_train:int, # training examples the runs used (their most common label is the guess)
+                   limit:int|None=None, # test examples scored
+                   seed:int=0, # the split seed of the runs
+                  ) -> float:
+    "Accuracy of always answering the most common training label, on the test examples the runs scored."
+    from vrnx_nb.tasks import load_task
+    t = load_task(task, n_train=n_train, seed=seed)
+    if t.kind != "classification": raise ValueError(f"majority_share: {task!r} is {t.kind}, not classification")
+    top = Counter(e.target for e in t.train).most_common(1)[0][0]
+    test = t.test[:limit] if limit else t.test
+    return sum(e.target == top for e in test)/len(test)
+
+def runs_table(results, # results CSV path or DataFrame
+               tasks:list|None=None, # only these tasks
+              ) -> "pd.DataFrame":
+    "One row per run: task, label, rank, data, steps, the main metric with its CI and the other metrics."
+    import pandas as pd
+    df = _load(results)
+    if tasks is not None: df = df[df["task"].isin([tasks] if isinstance(tasks, str) else list(tasks))]
+    if df.empty: raise ValueError("runs_table: no results" + (f" for tasks {tasks}" if tasks is not None else ""))
+    def other(f): return ", ".join(f"{k} {v:.3f} [{lo:.3f}, {hi:.3f}]" for k, (v, lo, hi) in parse_metrics(f).items())
+    return pd.DataFrame({"task": df["task"], "run": df["label"], "r": df["r"], "n_train": df["n_train"],
+                         "synthetic kept": df["synthetic_kept"], "steps": df["train_steps"], "test n": df["n_test"],
+                         "score [95% CI]": [f"{m} {s:.3f} [{lo:.3f}, {hi:.3f}]" for m, s, lo, hi in zip(df["metric"], df["score"], df["ci_low"], df["ci_high"])],
+                         "other metrics": df["other_metrics"].map(other)}).reset_index(drop=True)
 
 # %% ../nbs/07_experiments.ipynb #e02daf52
 def _curve(df, x:str, hue:str) -> "pd.DataFrame":
@@ -580,6 +630,8 @@ def _show_table(a) -> int:
             t = experiment_table(df, n_train=a.n_train, r=a.r or 16)
             print(f"Table 3.1 (n_train={t.attrs['n_train']}, r={t.attrs['r']}; percent; paper: its claimed % of full fine-tuning)\n{t.to_string()}\n")
         except ValueError as e: print(f"(no method table: {e})")
+        try: print(f"Runs (score with 95% bootstrap CI; other metrics)\n{runs_table(df, tasks=a.task).to_string()}\n")
+        except ValueError as e: print(f"(no runs: {e})")
         for t in a.task:
             try: print(effective_multiplier(df, t))
             except ValueError: pass
