@@ -160,6 +160,13 @@ def test_wizards_in_jupyterlab(lab):
             run_dir = Path(saved.split("saved to", 1)[1].strip())
             assert run_dir.parent == lab["root"]/"runs" and (run_dir/"result.json").exists(), run_dir
             assert json.loads((run_dir/"result.json").read_text())["config"]["r"] == int(rank)
+            # 3b. export the finished run (merged, the default format): the status names the folder, which holds a model card
+            page.wait_for_selector(".vrnx-train-export:not([disabled])", timeout=10_000)
+            page.locator(".vrnx-train-export").first.click()
+            exported = _wait_text(page, ".vrnx-train-export-status", lambda t: t.startswith(("merged,", "export failed")), timeout=120, what="export")
+            assert exported.startswith("merged,") and " MB: " in exported, exported
+            export_dir = Path(exported.split(" MB: ", 1)[1].strip())
+            assert (export_dir/"README.md").exists() and (export_dir/"config.json").exists(), export_dir
             _shot(page, ".vrnx-train-box", "train_wizard.png")
 
             # 4. results: the trained run arrived next to zero-shot; pick it alone, then both
