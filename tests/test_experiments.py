@@ -65,6 +65,26 @@ def test_augmented_run_with_local_teacher_keeps_nothing_and_trains(tmp_path):
     assert STATS["synthetic_generated"] == n0 + 1 and other["synthetic_kept"] == 0   # reused, no teacher started
     assert len(read_results(tmp_path/"r.csv")) == 2
 
+# --- kept synthetic examples are stored once and read back from the cache by the next run (module code, no notebook names) ---
+
+def test_kept_synthetic_examples_are_reused_from_the_cache(tmp_path):
+    import random
+    from vrnx_nb.tasks import load_task
+    pool = load_task("legal").train
+    calls = []
+    def scripted_teacher(messages, request):  # real clauses from outside the seeds, with their true labels
+        calls.append(request["index"])
+        ex = random.Random(request["index"]).choice([e for e in pool if e.target == request["target_label"]] or pool)
+        return json.dumps({"input": ex.input, "target": ex.target})
+    cfg = ExperimentConfig("legal", "lora", r=4, augment=8, quality_threshold=0.0, teacher="scripted", **TINY)
+    first = run_experiment(cfg, tmp_path/"r.csv", cache=tmp_path/"cache", teacher_fn=scripted_teacher, n_boot=50)
+    assert len(calls) == 8 and first["synthetic_kept"] > 0 and first["n_train_total"] == 8 + first["synthetic_kept"]
+    second = run_experiment(replace(cfg, method="adapter"), tmp_path/"r.csv", cache=tmp_path/"cache", teacher_fn=scripted_teacher, n_boot=50)
+    assert len(calls) == 8, "the teacher was asked again"
+    assert second["synthetic_kept"] == first["synthetic_kept"] and second["n_train_total"] == first["n_train_total"]
+    kept = [json.loads(l) for l in synthetic_path(cfg, tmp_path/"cache").read_text().splitlines()]
+    assert len(kept) == first["synthetic_kept"] and all(k["meta"]["synthetic"] for k in kept)
+
 # --- bad configs ---
 
 @pytest.mark.parametrize("kw, msg", [
