@@ -17,8 +17,8 @@ __all__ = ['TASK_BUDGETS', 'TOKENS_PER_S', 'EXAMPLES_PER_S', 'EXP_METHODS', 'AUG
            'SYNTH_MAX_TOKENS', 'STATS', 'PAPER_CLAIMS', 'ExperimentConfig', 'format_metrics', 'parse_metrics',
            'read_results', 'append_result', 'find_result', 'synthetic_path', 'synthetic_examples', 'default_cache',
            'run_experiment', 'method_grid', 'scaling_grid', 'rank_grid', 'run_grid', 'paper_table', 'experiment_table',
-           'majority_share', 'runs_table', 'plot_scaling', 'plot_ranks', 'Multiplier', 'effective_multiplier',
-           'peak_share', 'main_experiment']
+           'with_ci', 'majority_share', 'runs_table', 'plot_scaling', 'plot_ranks', 'Multiplier',
+           'effective_multiplier', 'peak_share', 'main_experiment']
 
 # %% ../nbs/07_experiments.ipynb #525558da
 TASK_BUDGETS = {"legal":   dict(batch_size=8, max_steps=12, max_length=512, limit=100),
@@ -422,6 +422,17 @@ def experiment_table(results, # results CSV path or DataFrame
     table.attrs["n_train"], table.attrs["r"] = n_train, r
     if with_paper: table["paper: % of full FT"] = paper_table()["% of full fine-tuning"].reindex(table.index)
     return table
+
+# %% ../nbs/07_experiments.ipynb #aa4af54e
+def with_ci(table, # from `experiment_table`
+            digits:int=1, # decimals
+           ) -> "pd.DataFrame":
+    "The table as text, each task score followed by its 95% bootstrap CI: '90.0 [84.0, 95.0]'."
+    out = table.astype(object).copy()
+    for (m, col), (lo, hi) in table.attrs.get("ci", {}).items():
+        if m in out.index and col in out.columns and table.loc[m, col] == table.loc[m, col]:
+            out.loc[m, col] = f"{table.loc[m, col]:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+    return out.fillna("")
 
 # %% ../nbs/07_experiments.ipynb #ed6805e6
 def majority_share(task:str, # a bundled task name (classification)
