@@ -523,17 +523,18 @@ class Multiplier:
     augmented_score: float # its score (mean over seeds)
     equivalent_n: float|None # real examples that reach that score without augmentation (None when outside the curve)
     ratio: float # equivalent_n / n_seeds; when `bound` is set, the bound's value
-    bound: str|None = None # None: a measured value; '>=' or '<=': only a bound is known
+    bound: str|None = None # None: a measured value; '>=' or '<=': only a bound is known; 'flat': the curve cannot tell (ratio NaN)
     note: str = ""
 
     def __repr__(self):
-        val = f"{self.bound or ''}{self.ratio:.2f}x"
+        val = "an undetermined amount of" if self.bound == "flat" else f"{self.bound or ''}{self.ratio:.2f}x"
         return f"Multiplier({self.task}, {self.method}, {self.n_seeds} seeds + synthetic ≈ {val} real data; {self.note})"
 
 def effective_multiplier(results, # results CSV path or DataFrame
                          task:str, # which task
                          n_seeds:int|None=None, # real examples of the augmented run; default the smallest augmented size
                          method:str|None=None, # default the most common method among augmented runs of `task`
+                         max_steps:int|None=None, # training budget compared; default the largest among those augmented runs
                         ) -> Multiplier:
     "How many real examples (no augmentation) reach the score of `n_seeds` examples + synthetic, divided by `n_seeds`."
     df = _load(results); df = df[(df["task"] == task) & (df["method"] != "zero-shot")]
@@ -542,12 +543,17 @@ def effective_multiplier(results, # results CSV path or DataFrame
     method = method or aug["method"].mode().iloc[0]
     aug, base = aug[aug["method"] == method], df[(df["method"] == method) & (df["augment"] == 0)]
     r = aug["r"].mode().iloc[0]; aug, base = aug[aug["r"] == r], base[base["r"] == r]
+    steps = max_steps or aug["max_steps"].max()
+    if steps == steps: aug, base = aug[aug["max_steps"] == steps], base[base["max_steps"] == steps]  # one training budget (NaN: not recorded)
     n_seeds = int(n_seeds or aug["n_train"].min())
     a = aug[aug["n_train"] == n_seeds]
     if a.empty: raise ValueError(f"effective_multiplier: no augmented {method} run of {task!r} with n_train={n_seeds} (have {sorted(set(aug['n_train']))})")
     curve = base.groupby("n_train")["score"].mean().sort_index()
     if len(curve) < 2: raise ValueError(f"effective_multiplier: the {method} curve without augmentation of {task!r} has {len(curve)} point(s); need 2 or more")
     s = float(a["score"].mean()); ns, ys = curve.index.to_numpy(float), curve.to_numpy(float)
+    same = ns[ys == s]
+    if len(same) > 1: return Multiplier(task, method, n_seeds, s, None, float("nan"), "flat",
+                                        f"the curve is flat at {s:.3f} from n={same[0]:.0f} to n={same[-1]:.0f}: it cannot tell how many real examples the synthetic ones are worth")
     if s < ys[0]: return Multiplier(task, method, n_seeds, s, None, ns[0]/n_seeds, "<=", f"score {s:.3f} is below the curve's first point ({ys[0]:.3f} at n={ns[0]:.0f})")
     for i in range(len(ns) - 1):
         lo, hi = ys[i], ys[i+1]
