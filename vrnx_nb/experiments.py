@@ -400,6 +400,16 @@ def _load(results) -> "pd.DataFrame":
     import pandas as pd
     return results.copy() if isinstance(results, pd.DataFrame) else read_results(results)
 
+def _one_budget(df, x:str, need:int=2) -> "pd.DataFrame":
+    "Per task, the runs of the training budget (max_steps) with the most distinct `x` values; tasks with fewer than `need` dropped."
+    import pandas as pd
+    keep = []
+    for t, d in df.groupby("task", sort=False):
+        counts = d.groupby(d["max_steps"].fillna(-1))[x].nunique()
+        best = max(counts.index, key=lambda s: (counts[s], s))
+        if counts[best] >= need: keep.append(d[d["max_steps"].fillna(-1) == best])
+    return pd.concat(keep) if keep else df.iloc[:0]
+
 def experiment_table(results, # results CSV path or DataFrame
                      n_train:int|None=None, # data size to tabulate; default the most common among trained runs
                      r:int=16, # rank of the LoRA/QLoRA/adapter rows
@@ -407,6 +417,7 @@ def experiment_table(results, # results CSV path or DataFrame
                      tasks:list|None=None, # only these tasks (the average needs every task's column filled)
                     ) -> "pd.DataFrame":
     "Paper Table 3.1 from the results: methods x tasks (percent), average, % of full fine-tuning (seeds averaged)."
+    import pandas as pd
     from vrnx_nb.evaluation import results_table
     df = _load(results)
     if tasks is not None: df = df[df["task"].isin([tasks] if isinstance(tasks, str) else list(tasks))]
@@ -414,6 +425,7 @@ def experiment_table(results, # results CSV path or DataFrame
     trained = df[df["method"] != "zero-shot"]
     if n_train is None and len(trained): n_train = int(trained["n_train"].mode().iloc[0])
     sel = df[(df["method"] == "zero-shot") | ((df["n_train"] == n_train) & df["r"].isin([0, r]))]
+    sel = pd.concat([sel[sel["method"] == "zero-shot"], _one_budget(sel[sel["method"] != "zero-shot"], "label", need=1)])  # one training budget per task
     if sel.empty: raise ValueError(f"experiment_table: no runs with n_train={n_train} and r={r} (have n_train {sorted(set(df['n_train']))}, r {sorted(set(df['r']))})")
     order = {m: i for i, m in enumerate(EXP_METHODS)}
     sel = sel.sort_values("label", key=lambda s: s.map(lambda l: (order.get(l.split(" ")[0], 9), l)))
@@ -467,7 +479,7 @@ def _curve(df, x:str, hue:str) -> "pd.DataFrame":
     return df.groupby(["task", "metric", hue, x], as_index=False)[["score", "ci_low", "ci_high"]].mean().sort_values(x)
 
 def _line_panels(df, x:str, hue:str, hue_name, xlabel:str, title:str, path, logx:int|None):
-    import matplotlib.pyplot as plt, seaborn as sns
+    import matplotlib.pyplot as plt, seaborn as sns, textwrap
     tasks = list(dict.fromkeys(df["task"]))
     with sns.axes_style("whitegrid"), sns.plotting_context("talk"):
         fig, axes = plt.subplots(1, len(tasks), figsize=(7*len(tasks), 5.5), squeeze=False)
@@ -477,12 +489,12 @@ def _line_panels(df, x:str, hue:str, hue_name, xlabel:str, title:str, path, logx
             for i, (h, g) in enumerate(d.groupby(hue, sort=True)):
                 ax.plot(g[x], 100*g["score"], marker="o", lw=2.5, color=pal[i % len(pal)], label=hue_name(h))
                 ax.fill_between(g[x], 100*g["ci_low"], 100*g["ci_high"], alpha=0.18, color=pal[i % len(pal)])
-            if logx: ax.set_xscale("log", base=logx)
+            if logx: ax.set_xscale("log", base=logx); ax.xaxis.set_minor_formatter(plt.NullFormatter())
             ax.set_xticks(sorted(d[x].unique())); ax.get_xaxis().set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
             metric = d["metric"].iloc[0]
             ax.set(xlabel=xlabel, ylabel=f"{metric} (%)", title=t)
             ax.legend(frameon=True, fontsize=12)
-        fig.suptitle(title); fig.tight_layout()
+        fig.suptitle(textwrap.fill(title, 34 + 40*(len(tasks) - 1))); fig.tight_layout()  # wrapped: one panel is narrower than the title
     if path is not None: fig.savefig(path, dpi=150); plt.close(fig)
     return fig
 
@@ -497,9 +509,9 @@ def plot_scaling(results, # results CSV path or DataFrame
         if pool.empty: raise ValueError("plot_scaling: no trained runs")
         method = pool["method"].mode().iloc[0]
     df = df[df["method"] == method]
-    if df["n_train"].nunique() < 2: raise ValueError(f"plot_scaling: {method} has runs at {df['n_train'].nunique()} data size(s); a curve needs 2 or more")
+    if len(df): r = df["r"].mode().iloc[0]; df = _one_budget(df[df["r"] == r], "n_train")
+    if df.empty: raise ValueError(f"plot_scaling: {method} has no task with runs at 2 or more data sizes on one training budget")
     df = df.assign(augmented=df["augment"] > 0)
-    r = df["r"].mode().iloc[0]; df = df[df["r"] == r]
     return _line_panels(_curve(df, "n_train", "augmented"), "n_train", "augmented", lambda a: f"{method} + synthetic" if a else method,
                         "real training examples", f"Data scaling ({method}, r={r}; 95% bootstrap CI)", path, 10)
 
@@ -508,8 +520,8 @@ def plot_ranks(results, # results CSV path or DataFrame
                method:str="lora", # which method's ranks
               ):
     "Score vs LoRA rank, one line per data size (95% CI bands), one panel per task."
-    df = _load(results); df = df[(df["method"] == method) & (df["augment"] == 0)]
-    if df["r"].nunique() < 2: raise ValueError(f"plot_ranks: {method} has runs at {df['r'].nunique()} rank(s); a sweep needs 2 or more")
+    df = _load(results); df = _one_budget(df[(df["method"] == method) & (df["augment"] == 0)], "r")
+    if df.empty: raise ValueError(f"plot_ranks: {method} has no task with runs at 2 or more ranks on one training budget")
     return _line_panels(_curve(df, "r", "n_train"), "r", "n_train", lambda n: f"n_train={n}", "rank r",
                         f"Rank sweep ({method}, no synthetic data; 95% bootstrap CI)", path, 2)
 
