@@ -230,10 +230,11 @@ def _train_command(run:dict) -> str|None:
         if c.get(key) is not None: args += [flag, str(c[key])]
     return shlex.join(args)
 
+def _score_dicts(scores) -> list: return [s.to_dict() if hasattr(s, "to_dict") else dict(s) for s in scores or []]
+
 def _score_rows(scores) -> list:
     rows = []
-    for s in scores or []:
-        d = s.to_dict() if hasattr(s, "to_dict") else dict(s)
+    for d in _score_dicts(scores):
         for k, v in d.get("metrics", {}).items():
             lo, hi = d.get("ci", {}).get(k, (None, None))
             rows.append({"model": d.get("method") or d.get("model", ""), "task": d.get("task", ""), "split": d.get("split", "test"),
@@ -289,7 +290,7 @@ def write_card(folder, # an export folder
               ) -> Path:
     "Record `scores` in vrnx_export.json and rewrite README.md; the card's path."
     folder = Path(folder).expanduser(); info = read_export(folder)
-    if scores is not None: info["scores"] = [s.to_dict() if hasattr(s, "to_dict") else dict(s) for s in scores]
+    if scores is not None: info["scores"] = _score_dicts(scores)
     info["output_dir"] = str(folder)
     (folder/EXPORT_FILE).write_text(json.dumps(info, indent=1, default=str))
     (folder/"README.md").write_text(model_card(info))
@@ -370,10 +371,8 @@ def export(src, # a `TrainResult`, a run folder, an adapter folder, or a model a
         info = {"format": cfg.format, "base_model": s.base_model, "method": s.method, "source": s.weights_dir or s.base_model,
                 "task": getattr(task, "name", None) or s.task, "data_source": getattr(task, "source", None) or _task_source(s.task),
                 "dtype": cfg.dtype, "config": asdict(cfg), "quantization": quant, "run": s.run, "size_mb": weights_mb(tmp),
-                "commands": [_train_command(s.run), shlex.join(cmd)], "scores": [], "seconds": round(time.time() - t0, 1),
+                "commands": [_train_command(s.run), shlex.join(cmd)], "scores": _score_dicts(scores), "seconds": round(time.time() - t0, 1),
                 "versions": _versions(cfg.format), "output_dir": str(out)}
-        (tmp/EXPORT_FILE).write_text(json.dumps(info, indent=1, default=str))
-        if scores is not None: info["scores"] = [x.to_dict() if hasattr(x, "to_dict") else dict(x) for x in scores]
         (tmp/EXPORT_FILE).write_text(json.dumps(info, indent=1, default=str))
         (tmp/"README.md").write_text(model_card(info))
         if out.exists(): shutil.rmtree(out) if out.is_dir() else out.unlink()

@@ -584,8 +584,8 @@ def peak_share(results, # results CSV path or DataFrame
     df = _load(results); df = df[(df["task"] == task) & (df["method"] != "zero-shot")]
     a = df[(df["augment"] > 0) & (df["n_train"] == n_train)]
     if a.empty: raise ValueError(f"peak_share: no augmented run of {task!r} with n_train={n_train}")
-    point = a.groupby(["method", "r"])["score"].mean().max()
-    peak = df.groupby(["method", "r", "n_train", "augment"])["score"].mean().max()
+    point = a.groupby(["method", "r", "max_steps"], dropna=False)["score"].mean().max()  # seeds averaged within one budget
+    peak = df.groupby(["method", "r", "max_steps", "n_train", "augment"], dropna=False)["score"].mean().max()
     return float(100*point/peak)
 
 # %% ../nbs/07_experiments.ipynb #1a87d581
