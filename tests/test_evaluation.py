@@ -289,3 +289,53 @@ def test_bottleneck_adapter_model_generates_batch_invariant(legal):
     assert one == generate_batched(wrapped, tok, prompts, batch_size=16, max_new_tokens=5, stop=set(), return_ids=True)
     s = evaluate((wrapped, tok), legal, limit=4, n_boot=20, method="adapter")
     assert s.n == 4 and s.method == "adapter"
+
+
+def test_rows_join_a_running_batch_with_the_same_replies(varied, legal):
+    "Continuous batching: when rows stop, waiting prompts are prefilled and join the batch mid-decode; replies are unchanged."
+    model, tok = varied
+    prompts = [render_prompt(legal, e, tok) for e in legal.test[:12]]
+    first = generate_batched(model, tok, prompts, batch_size=1, max_new_tokens=8, stop=set(), return_ids=True)
+    stop = {first[0][2], first[5][1]}  # rows end at different steps
+    import vrnx_nb.evaluation as ev
+    from unittest import mock
+    with mock.patch.object(ev, "_join_rows", wraps=ev._join_rows) as join:
+        many = generate_batched(model, tok, prompts, batch_size=4, max_new_tokens=8, stop=stop, return_ids=True)
+    assert join.call_count >= 1  # prompts really joined rows that were still writing
+    one = generate_batched(model, tok, prompts, batch_size=1, max_new_tokens=8, stop=stop, return_ids=True)
+    assert many == one
+    assert len({len(x) for x in one}) > 2  # replies of several lengths: rows left at different steps
+
+
+def test_shared_report_is_kept_once_not_per_row(varied, finance):
+    "With questions on one report, the batch cache holds each row's own question; the ~600-token report sits once."
+    import vrnx_nb.evaluation as ev
+    model, tok = varied
+    prompts = [render_prompt(finance, e, tok) for e in finance.test[:6]]  # six questions on one table
+    enc = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    st = ev._Cascade(model); st.prefixes[0] = ev._shared_prefix(model, enc, ev._cache_arg(model))
+    clusters = ev._prefix_clusters(enc, st.prefixes[0][0], 32)
+    gid = ev._prefix_ids(model, enc, list(range(6)), clusters, {i: c for c, m in enumerate(clusters) for i in m}, st, 32)
+    assert len(set(gid)) == 1  # one shared prefix for all six (here the common prefix already spans the report)
+    _, cache, mask, last = ev._prefill(model, enc, tok.pad_token_id, st, gid)
+    shared = st.prefixes[gid[0]][0]
+    assert shared > 500 and mask.shape[1] < 100 and min(map(len, enc)) > shared  # rows hold tens of tokens; the report sits once
+    assert last.tolist() == [len(e) - 1 for e in enc]  # positions continue after the shared report
+
+
+def test_models_that_cannot_split_attention_use_plain_batches(varied, legal):
+    "A model whose attention cannot be split (here: logit soft-capping) is batched without shared prefixes, same replies."
+    import vrnx_nb.evaluation as ev
+    model, tok = tiny_model()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters(): p.normal_(0, 0.3 if p.dim() > 1 else 1.0)
+    assert ev._cascade_ok(model)
+    model.config.attn_logit_softcapping = 30.0  # a Gemma-2 style setting that the cascade attention does not implement
+    ev._CASCADE_OK.pop(model, None)
+    assert not ev._cascade_ok(model)
+    prompts = [render_prompt(legal, e, tok) for e in legal.test[:6]]
+    one = generate_batched(model, tok, prompts, batch_size=1, max_new_tokens=6, stop=set(), return_ids=True)
+    assert one == generate_batched(model, tok, prompts, batch_size=16, max_new_tokens=6, stop=set(), return_ids=True)
+    comps = [" Other<|im_end|>", " Arbitration<|im_end|>"]
+    np.testing.assert_allclose(label_logliks(model, tok, prompts, comps, batch_size=1), label_logliks(model, tok, prompts, comps, batch_size=16), atol=1e-3)

@@ -6,7 +6,7 @@ Docs: https://vrnx.github.io/vrnx_nb/evaluation.html.md"""
 
 # %% ../nbs/06_evaluation.ipynb #847238df
 from __future__ import annotations
-import argparse, inspect, json, math, re, string, sys, time
+import argparse, contextvars, inspect, json, math, re, string, sys, time, weakref
 from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 import numpy as np
@@ -318,20 +318,16 @@ def _growing_layer_class():
             self._k[:, :, self._n:n] = key_states; self._v[:, :, self._n:n] = value_states
             self._n = n; self._views()
             return self.keys, self.values
-        def batch_select_indices(self, indices):
-            self._k, self._v = self._k[indices], self._v[indices]; self._views()
+        def batch_select_indices(self, indices):  # copies the filled part only, keeping the room
+            k, v = self._k[indices, :, :self._n], self._v[indices, :, :self._n]
+            self._k, self._v = self._k.new_empty(len(indices), *self._k.shape[1:]), self._v.new_empty(len(indices), *self._v.shape[1:])
+            self._k[:, :, :self._n], self._v[:, :, :self._n] = k, v; self._views()
         def batch_repeat_interleave(self, repeats:int):
             self._k, self._v = self._k.repeat_interleave(repeats, 0), self._v.repeat_interleave(repeats, 0); self._views()
     return _Growing
 
 try: _GrowingLayer = _growing_layer_class()
 except ImportError: _GrowingLayer = type(None)  # transformers without cache layers: caches are left as they are
-
-def _reserve(cache, extra:int):
-    "Give each layer of a plain cache room for `extra` more tokens (decoding then appends in place)."
-    if _plain_cache(cache) and _GrowingLayer is not type(None):
-        cache.layers = [l if isinstance(l, _GrowingLayer) and l.room() >= extra else _GrowingLayer(l.keys, l.values, extra) for l in cache.layers]
-    return cache
 
 @torch.no_grad()
 def _shared_prefix(model, enc:list, arg:str, min_len:int=8):
@@ -372,78 +368,228 @@ def _extend_prefix(model, prefix, tokens:list, arg:str):
                         position_ids=torch.arange(P, P + len(tokens), device=dev)[None], logits_to_keep=1)
     return (P + len(tokens), [(l.keys, l.values) for l in cache.layers]) if _plain_cache(cache) else None
 
-@torch.no_grad()
-def _prefill(model, seqs:list, pad_id:int, arg:str, prefix=None, tol:float=1.05, min_shared:int|None=32, slack:int=16, extra:int=0):
-    "(last logits, cache, mask, last positions) of prompts run in groups of similar length, caches stitched left-padded."
-    dev = _first_param(model).device
-    P = prefix[0] if prefix else 0
-    groups, rest = [], []  # (row indices, the prefix they share); rows that share only `prefix`
-    for c in (_prefix_clusters(seqs, P, min_shared) if min_shared else [list(range(len(seqs)))]):
-        pre, n = None, _common_len([seqs[i] for i in c]) - 1  # keep at least one token per row to prefill
-        if min_shared and len(c) > 1 and n - P >= min_shared: pre = _extend_prefix(model, prefix, seqs[c[0]][P:n], arg)
-        if pre is None: rest += c; continue
-        # a row may pad by (tol - 1) x its whole length, shared prefix included: pads are cheap next to a long prefix
-        groups += [([c[k] for k in g], pre) for g in _length_groups([len(seqs[i]) - pre[0] for i in c], tol, max(slack, int((tol - 1) * pre[0])))]
-    groups += [([rest[k] for k in g], prefix) for g in _length_groups([len(seqs[i]) - P for i in rest], tol, max(slack, int((tol - 1) * P)))]
-    parts = []
-    for g, pre in groups:
-        Q = pre[0] if pre else 0
-        ids, mask = _left_pad([seqs[i][Q:] for i in g], pad_id, dev)
-        cache = None
-        if pre:  # the shared prefix's keys/values, once per row, with room for the rest; pads sit between prefix and suffix
-            rows = [(k.expand(len(g), -1, -1, -1), v.expand(len(g), -1, -1, -1)) for k, v in pre[1]]
-            cache = _kv_cache([(k.contiguous(), v.contiguous()) for k, v in rows[:1]], model)  # the cache type, from one layer
-            cache.layers = [_GrowingLayer(k, v, ids.shape[1]) for k, v in rows] if _GrowingLayer is not type(None) else \
-                           _kv_cache([(k.contiguous(), v.contiguous()) for k, v in rows], model).layers
-            mask = torch.cat([mask.new_ones(len(g), Q), mask], 1)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, Q:]
-        logits, cache = _forward(model, cache, arg, input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1)
-        parts.append((logits[:, -1], cache, mask, pos[:, -1]))
-    if len(parts) > 1 and not _plain_cache(parts[0][1]):  # sliding-window or other caches: one padded pass instead
-        ids, mask = _left_pad(seqs, pad_id, dev); pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = _forward(model, input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1)
-        return logits[:, -1], cache, mask, pos[:, -1]
-    inv = torch.argsort(torch.tensor([i for g, _ in groups for i in g], device=dev))
-    if len(parts) == 1:
-        lg, cache, mask, last = parts[0]
-        if not torch.equal(inv, torch.arange(len(inv), device=dev)): cache.batch_select_indices(inv)
-        return lg[inv], cache, mask[inv], last[inv]
-    L, order = max(m.shape[1] for _, _, m, _ in parts), [i for g, _ in groups for i in g]
-    stitched = []  # each layer: one left-padded buffer in the callers' row order, with room for `extra` more tokens
-    for j in range(len(parts[0][1].layers)):
-        k0 = parts[0][1].layers[j].keys
-        bk, bv = (k0.new_zeros(len(seqs), k0.shape[1], L + extra, k0.shape[-1]) for _ in range(2))
-        r = 0
-        for _, c, m, _ in parts:
-            rows = torch.tensor(order[r:r + m.shape[0]], device=dev); r += m.shape[0]
-            bk[rows, :, L - m.shape[1]:L] = c.layers[j].keys; bv[rows, :, L - m.shape[1]:L] = c.layers[j].values
-        stitched.append((bk, bv))
-    mask = torch.cat([torch.nn.functional.pad(m, (L - m.shape[1], 0)) for _, _, m, _ in parts])[inv]
-    cache = parts[0][1]; parts_logits = torch.cat([p[0] for p in parts])[inv]; last = torch.cat([p[3] for p in parts])[inv]
-    if _GrowingLayer is not type(None): cache.layers = [_GrowingLayer(k, v, extra, n=L) for k, v in stitched]
-    else: cache = _kv_cache([(k[:, :, :L], v[:, :, :L]) for k, v in stitched], model)
-    return parts_logits, cache, mask, last
+_SCORES_PER_CHUNK = 1 << 24  # attention scores computed at once (64 MB in float32); longer queries go in chunks
+
+def _attend(q, k, v, scale:float, bias=None):
+    "Softmax attention of `q` (..., n, d) over `k`, `v` (..., L, d): (output, log-sum-exp of each query's scores)."
+    if q.device.type == "cpu" and q.dtype == torch.float32:  # one fused kernel that also returns the log-sum-exp
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+        return o, lse[..., None]
+    s = (q @ k.transpose(-1, -2)).float() * scale
+    if bias is not None: s = s + bias
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    return (torch.exp(s - lse).to(v.dtype) @ v).float(), lse
+
+def _attend_chunked(q, k, v, scale:float, bias=None):
+    "`_attend` over chunks of queries, so the scores (or mask) of a long prompt never exceed `_SCORES_PER_CHUNK` at once."
+    step = max(1, _SCORES_PER_CHUNK // max(1, q[..., :1, 0].numel() * k.shape[-2]))
+    if step >= q.shape[-2]: return _attend(q, k, v, scale, bias)
+    parts = [_attend(q[..., i:i+step, :], k, v, scale, None if bias is None else bias[..., i:i+step, :]) for i in range(0, q.shape[-2], step)]
+    return tuple(torch.cat(x, -2) for x in zip(*parts))
+
+class _Cascade:
+    "Shared prefixes (keys/values kept once) and the rows reading each; `with` it, the model's attention is `_cascade_attention`."
+    def __init__(self, model):
+        self.configs = list({id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "_attn_implementation")}.values())
+        self.prefixes, self.groups, self.calls, self._bias = {}, [], 0, (None, None, None)
+    def use(self, gid):
+        "Point each row at its prefix: `gid[r]` is a key of `self.prefixes` (-1: the row has no shared prefix)."
+        ks = gid.unique().tolist()
+        self.groups = [(self.prefixes[k][1], None if len(ks) == 1 else (gid == k).nonzero().squeeze(-1)) for k in ks if k >= 0]
+    def bias(self, mask, G:int):
+        "The 4D mask (bool or additive) as a float32 additive bias with each query repeated for the G heads sharing a key head."
+        if mask is None: return None
+        if self._bias[0] is not mask or self._bias[1] != G:  # once per forward pass, not once per layer
+            b = mask.float() if mask.dtype != torch.bool else torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+            B, _, T, L = b.shape
+            self._bias = (mask, G, b[:, :, None].expand(B, b.shape[1], G, T, L).reshape(B, b.shape[1], G * T, L))
+        return self._bias[2]
+    def __enter__(self):
+        self.saved = [c._attn_implementation for c in self.configs]
+        for c in self.configs: c._attn_implementation = "vrnx_cascade"
+        self.token = _CASCADE.set(self)
+        return self
+    def __exit__(self, *exc):
+        _CASCADE.reset(self.token)
+        for c, a in zip(self.configs, self.saved): c._attn_implementation = a
+
+_CASCADE = contextvars.ContextVar("vrnx_cascade", default=None)
+
+def _cascade_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
+    "Attention over each row's own keys (`key`, `value`) plus the shared prefix of its group, merged by log-sum-exp."
+    st = _CASCADE.get()
+    if st is None: raise RuntimeError("vrnx_cascade attention runs only inside `_Cascade`")
+    st.calls += 1
+    B, H, T, d = query.shape
+    kvh = key.shape[1]; G = H // kvh
+    scale = scaling if scaling is not None else d ** -0.5
+    q = query.reshape(B, kvh, G * T, d)  # the G query heads of one key/value head side by side
+    o, lse = _attend_chunked(q, key, value, scale, st.bias(attention_mask, G))
+    for layers, rows in st.groups:  # each group's prefix is read once for all its rows: their queries become one long query
+        k0, v0 = layers[module.layer_idx]
+        qg = q if rows is None else q[rows]
+        n = qg.shape[0]
+        og, lg = _attend_chunked(qg.transpose(0, 1).reshape(1, kvh, n * G * T, d), k0, v0, scale)
+        og, lg = (x[0].reshape(kvh, n, G * T, -1).transpose(0, 1) for x in (og, lg))
+        w = torch.sigmoid(lg - (lse if rows is None else lse[rows]))  # the prefix's share of the softmax mass
+        if rows is None: o = torch.lerp(o, og, w)
+        else: o[rows] = torch.lerp(o[rows], og, w)
+    return o.to(query.dtype).reshape(B, H, T, d).transpose(1, 2).contiguous(), None
+
+try:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register("vrnx_cascade", _cascade_attention); AttentionMaskInterface.register("vrnx_cascade", sdpa_mask)
+except ImportError: AttentionInterface = None  # older transformers: prompts are batched without shared prefixes
+
+_CASCADE_OK = weakref.WeakKeyDictionary()
 
 @torch.no_grad()
-def _greedy(model, seqs:list, max_new_tokens:int, stop:set, pad_id:int, prefix=None, min_shared:int|None=32) -> list:
-    "Greedy continuations (token ids, stop token excluded) of a batch of token-id lists."
+def _cascade_ok(model) -> bool:
+    "Whether the model's attention can be split into a shared prefix and each row's own keys: checked once, on its logits."
+    if model in _CASCADE_OK: return _CASCADE_OK[model]
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    ok = AttentionInterface is not None and cfg is not None and not getattr(cfg, "attn_logit_softcapping", None) \
+         and not (getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True)) \
+         and all(t == "full_attention" for t in (getattr(cfg, "layer_types", None) or []))
+    if ok:  # a plain pass over 8 tokens must give the logits of 5 tokens as prefix + 3 tokens through the cascade
+        try:
+            dev, arg = _first_param(model).device, _cache_arg(model)
+            ids = torch.arange(1, 9, device=dev)[None]
+            full, _ = _forward(model, input_ids=ids)
+            _, cache = _forward(model, input_ids=ids[:, :5])
+            st = _Cascade(model); st.prefixes = {0: (5, [(l.keys, l.values) for l in cache.layers])}; st.use(torch.zeros(1, dtype=torch.long, device=dev))
+            with st:
+                got, _ = _forward(model, _kv_cache(None, model), arg, input_ids=ids[:, 5:], position_ids=torch.arange(5, 8, device=dev)[None],
+                                  attention_mask=torch.ones(3, 3, dtype=torch.bool, device=dev).tril()[None, None])
+            want, tol = full[:, 5:].float(), 1e-3 if full.dtype == torch.float32 else 3e-2  # half precision rounds more
+            ok = st.calls > 0 and bool((got.float() - want).abs().max() <= tol * want.abs().max().clamp(min=1))
+        except Exception: ok = False
+    _CASCADE_OK[model] = ok
+    return ok
+
+def _own_mask(mask, T:int):
+    "4D bool mask (rows, 1, T, L) of the last T tokens over a row's own tokens: causal, pads hidden."
+    L = mask.shape[1]
+    causal = torch.ones(T, L, dtype=torch.bool, device=mask.device).tril(L - T)
+    return mask.bool()[:, None, None, :] & causal
+
+def _prefix_ids(model, seqs:list, rows:list, clusters:list, cluster_of:dict, st, min_shared:int|None) -> list:
+    "The prefix each of `rows` reads (a key of `st.prefixes`): its cluster's longer shared one (computed once), else the common one (0), else none (-1)."
+    base = st.prefixes.get(0); P = base[0] if base else 0
+    ids = []
+    for r in rows:
+        c = cluster_of[r]; members = clusters[c]
+        if min_shared and len(members) > 1 and c + 1 not in st.prefixes:
+            n = _common_len([seqs[i] for i in members]) - 1  # keep at least one token per row to prefill
+            st.prefixes[c + 1] = _extend_prefix(model, base, seqs[members[0]][P:n], _cache_arg(model)) if n - P >= min_shared else None
+        ids.append(c + 1 if st.prefixes.get(c + 1) else 0 if base else -1)
+    return ids
+
+@torch.no_grad()
+def _prefill(model, seqs:list, pad_id:int, st, gid:list|None, tol:float=1.05, slack:int=16, extra:int=0):
+    "(last logits, cache of each row's own tokens with room for `extra`, their mask, last positions): row r reads prefix `st.prefixes[gid[r]]`."
     dev, arg = _first_param(model).device, _cache_arg(model)
-    first, cache, mask, last = _prefill(model, seqs, pad_id, arg, prefix, min_shared=min_shared, extra=max_new_tokens)
-    cache, nxt = _reserve(cache, max_new_tokens), first.argmax(-1)
-    alive, out = torch.arange(len(seqs), device=dev), [[] for _ in seqs]
+    if st is None:  # attention that cannot be split: one left-padded pass over whole prompts
+        ids, mask = _left_pad(seqs, pad_id, dev); pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, cache = _forward(model, None, arg, input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1)
+        return logits[:, -1], cache, mask, pos[:, -1]
+    start = [st.prefixes[g][0] if g >= 0 else 0 for g in gid]
+    own, gid = [s[b:] for s, b in zip(seqs, start)], torch.tensor(gid, device=dev)
+    parts = []
+    for g in _length_groups([len(s) for s in own], tol, slack):  # rows of similar length prefilled together
+        ids, mask = _left_pad([own[i] for i in g], pad_id, dev)
+        pos = torch.tensor([start[i] for i in g], device=dev)[:, None] + (mask.cumsum(-1) - 1).clamp(min=0)
+        st.use(gid[g])
+        with st: logits, cache = _forward(model, _kv_cache(None, model), arg, input_ids=ids, attention_mask=_own_mask(mask, ids.shape[1]),
+                                          position_ids=pos, logits_to_keep=1)
+        parts.append((g, logits[:, -1], cache, mask, pos[:, -1]))
+    inv = torch.argsort(torch.tensor([i for g, *_ in parts for i in g], device=dev))
+    L = max(p[3].shape[1] for p in parts)
+    layers = []  # each layer: one left-padded buffer in the callers' row order, with room for `extra` more tokens
+    for j in range(len(parts[0][2].layers)):
+        k0 = parts[0][2].layers[j].keys
+        bk, bv = (k0.new_zeros(len(seqs), k0.shape[1], L + extra, k0.shape[-1]) for _ in range(2))
+        for g, _, c, m, _ in parts:
+            rows = torch.tensor(g, device=dev)
+            bk[rows, :, L - m.shape[1]:L] = c.layers[j].keys; bv[rows, :, L - m.shape[1]:L] = c.layers[j].values
+        layers.append(_GrowingLayer(bk, bv, extra, n=L))
+    cache = parts[0][2]; cache.layers = layers
+    mask = torch.cat([torch.nn.functional.pad(p[3], (L - p[3].shape[1], 0)) for p in parts])[inv]
+    return torch.cat([p[1] for p in parts])[inv], cache, mask, torch.cat([p[4] for p in parts])[inv]
+
+def _join_rows(cache, mask, cache2, mask2, extra:int):
+    "One left-padded cache (and mask) of `cache`'s rows then `cache2`'s, without columns that pad every row, with room for `extra` tokens."
+    n1, n2 = int(mask.sum(1).max()), mask2.shape[1]
+    N = max(n1, n2)
+    for j, (a, b) in enumerate(zip(cache.layers, cache2.layers)):
+        bufs = []
+        for x, y in ((a.keys, b.keys), (a.values, b.values)):
+            buf = x.new_zeros(x.shape[0] + y.shape[0], x.shape[1], N + extra, x.shape[-1])
+            buf[:x.shape[0], :, N - n1:N] = x[:, :, x.shape[2] - n1:]; buf[x.shape[0]:, :, N - n2:N] = y
+            bufs.append(buf)
+        cache.layers[j] = _GrowingLayer(*bufs, extra, n=N)
+    pad = torch.nn.functional.pad
+    return cache, torch.cat([pad(mask[:, mask.shape[1] - n1:], (N - n1, 0)), pad(mask2, (N - n2, 0))])
+
+@torch.no_grad()
+def _greedy_stream(model, enc:list, order:list, batch_size:int, max_new_tokens:int, stop:set, pad_id:int, prefix=None,
+                   min_shared:int|None=32, on_done=None) -> list:
+    "Greedy continuations (token ids, stop token excluded) of `enc`, taken in `order`; a finished row's place goes to the next prompt."
+    dev, arg = _first_param(model).device, _cache_arg(model)
+    st = _Cascade(model) if _cascade_ok(model) else None
+    if st is not None and prefix: st.prefixes[0] = prefix
+    P = prefix[0] if prefix else 0
+    clusters = _prefix_clusters(enc, P, min_shared) if st is not None and min_shared else [[i] for i in range(len(enc))]
+    cluster_of = {i: c for c, m in enumerate(clusters) for i in m}
+    out, queue = [[] for _ in enc], list(order)
     stop_t = torch.tensor(sorted(stop) or [-1], device=dev)
-    for step in range(max_new_tokens):
-        done = torch.isin(nxt, stop_t)
+    cache = mask = last = nxt = alive = gid = count = None
+    def emit(nxt, alive, count):  # append each row's new token; which rows go on
+        done = torch.isin(nxt, stop_t); count = count + 1
         for r, t, d in zip(alive.tolist(), nxt.tolist(), done.tolist()):
             if not d: out[r].append(t)
-        if step == max_new_tokens - 1 or bool(done.all()): break
-        if bool(done.any()):  # finished rows leave the batch and the cache
-            keep = (~done).nonzero().squeeze(-1)
-            cache.batch_select_indices(keep)
-            mask, nxt, alive, last = mask[keep], nxt[keep], alive[keep], last[keep]
-        mask = torch.cat([mask, mask.new_ones(len(alive), 1)], 1); last = last + 1
-        logits, cache = _forward(model, cache, arg, input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None], logits_to_keep=1)
+        going = ~done & (count < max_new_tokens)
+        if on_done:
+            for r in alive[~going].tolist(): on_done(r)
+        return going, count
+    # admit prompts when a quarter of the rows are free (the plain path only when all are: it cannot join caches)
+    room = max(1, batch_size // 4) if st is not None else batch_size
+    while queue or (alive is not None and len(alive)):
+        n_alive = 0 if alive is None else len(alive)
+        if queue and (n_alive == 0 or batch_size - n_alive >= room):
+            take, queue = queue[:batch_size - n_alive], queue[batch_size - n_alive:]
+            g2 = _prefix_ids(model, enc, take, clusters, cluster_of, st, min_shared) if st is not None else None
+            first, c2, m2, l2 = _prefill(model, [enc[i] for i in take], pad_id, st, g2, extra=max_new_tokens)
+            n2, a2, k2 = first.argmax(-1), torch.tensor(take, device=dev), torch.zeros(len(take), dtype=torch.long, device=dev)
+            going, k2 = emit(n2, a2, k2)
+            g2 = None if g2 is None else torch.tensor(g2, device=dev)
+            if not bool(going.all()):
+                keep = going.nonzero().squeeze(-1); c2.batch_select_indices(keep)
+                m2, l2, n2, a2, k2 = m2[keep], l2[keep], n2[keep], a2[keep], k2[keep]
+                if g2 is not None: g2 = g2[keep]
+            if n_alive == 0: cache, mask, last, nxt, alive, gid, count = c2, m2, l2, n2, a2, g2, k2
+            elif len(a2):
+                cache, mask = _join_rows(cache, mask, c2, m2, max_new_tokens)
+                last, nxt, alive, count = torch.cat([last, l2]), torch.cat([nxt, n2]), torch.cat([alive, a2]), torch.cat([count, k2])
+                if gid is not None: gid = torch.cat([gid, g2])
+            if st is not None:  # a cluster's prefix is dropped once none of its rows is waiting or writing
+                need = {0} | set(gid.tolist() if gid is not None else []) | {cluster_of[i] + 1 for i in queue}
+                for k in [k for k in st.prefixes if k not in need]: del st.prefixes[k]
+            continue  # more may be admitted before the next step
+        mask = torch.cat([mask, mask.new_ones(n_alive, 1)], 1); last = last + 1
+        if st is None: logits, cache = _forward(model, cache, arg, input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None], logits_to_keep=1)
+        else:
+            st.use(gid)
+            with st: logits, cache = _forward(model, cache, arg, input_ids=nxt[:, None], attention_mask=_own_mask(mask, 1), position_ids=last[:, None], logits_to_keep=1)
         nxt = logits[:, -1].argmax(-1)
+        going, count = emit(nxt, alive, count)
+        if not bool(going.all()):  # finished rows leave the batch and the cache
+            keep = going.nonzero().squeeze(-1)
+            if len(keep): cache.batch_select_indices(keep)
+            mask, nxt, alive, last, count = mask[keep], nxt[keep], alive[keep], last[keep], count[keep]
+            if gid is not None: gid = gid[keep]
     return out
 
 def _pad_id(tokenizer, model=None) -> int:
@@ -469,22 +615,22 @@ def generate_batched(model, tokenizer, # a causal LM and its tokenizer
                      progress:bool=False, # show a progress bar
                      return_ids:bool=False, # return the generated token ids instead of text
                     ) -> list:
-    "Greedy replies to `prompts` (in their order), batched with left padding and early-stopped rows."
+    "Greedy replies to `prompts` (in their order): batched, left-padded, shared prefixes computed once, finished rows replaced by waiting prompts."
     if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_new_tokens < 1: raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not prompts: return []
     enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     stop = stop_token_ids(tokenizer, model) if stop is None else stop
-    prefix = _shared_prefix(model, enc, _cache_arg(model)) if share_prefix else None
-    out = [None] * len(prompts)
+    prefix = _shared_prefix(model, enc, _cache_arg(model)) if share_prefix and _cascade_ok(model) else None
     shared = 32 if share_prefix else None  # prompts sharing >= 32 more tokens (one table, one document) compute them once
-    batches = _batches(enc, batch_size, sort, prefix[0] if prefix else 0, shared)
+    order = [i for b in _batches(enc, batch_size, sort, prefix[0] if prefix else 0, shared) for i in b]
+    bar = None
     if progress:
-        from tqdm.auto import tqdm; batches = tqdm(batches, desc="generate")
-    for idx in batches:
-        for i, toks in zip(idx, _greedy(model, [enc[i] for i in idx], max_new_tokens, stop, _pad_id(tokenizer, model), prefix, shared)):
-            out[i] = toks if return_ids else tokenizer.decode(toks, skip_special_tokens=True).strip()
-    return out
+        from tqdm.auto import tqdm; bar = tqdm(total=len(prompts), desc="generate")
+    try: ids = _greedy_stream(model, enc, order, batch_size, max_new_tokens, stop, _pad_id(tokenizer, model), prefix, shared, bar and (lambda r: bar.update()))
+    finally:
+        if bar is not None: bar.close()
+    return ids if return_ids else [tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]
 
 # %% ../nbs/06_evaluation.ipynb #dec6d8cd
 def _packed_completions(comp:list, dev):
@@ -514,18 +660,29 @@ def label_logliks(model, tokenizer, # a causal LM and its tokenizer
     C = len(comp)
     heads = torch.tensor([c[0] for c in comp], device=dev)
     ids, tgt, seg, off, see = _packed_completions(comp, dev)
-    prefix = _shared_prefix(model, enc, arg) if share_prefix and enc else None
+    st = _Cascade(model) if _cascade_ok(model) else None
+    prefix = _shared_prefix(model, enc, arg) if share_prefix and enc and st else None
     out = np.zeros((len(prompts), C))
     shared = 32 if share_prefix else None
     for idx in _batches(enc, batch_size, sort, prefix[0] if prefix else 0, shared):
         B = len(idx)
-        logits, cache, mask, last = _prefill(model, [enc[i] for i in idx], _pad_id(tokenizer), arg, prefix, min_shared=shared)
+        seqs = [enc[i] for i in idx]
+        gid = None
+        if st is not None:  # prompts of this batch sharing a longer prefix (one document) read it once
+            st.prefixes = {0: prefix} if prefix else {}
+            clusters = _prefix_clusters(seqs, prefix[0] if prefix else 0, shared) if shared else [[i] for i in range(B)]
+            gid = _prefix_ids(model, seqs, list(range(B)), clusters, {i: c for c, m in enumerate(clusters) for i in m}, st, shared)
+        logits, cache, mask, last = _prefill(model, seqs, _pad_id(tokenizer), st, gid)
         total = torch.log_softmax(logits.float(), -1)[:, heads]  # (B, C): each completion's first token
         if len(ids):  # every label's later tokens in one row per prompt, kept apart by a block-causal mask
             allowed = torch.cat([mask.bool()[:, None, :].expand(B, len(ids), -1), see.expand(B, -1, -1)], -1)[:, None]
-            bias = torch.zeros(allowed.shape, dtype=logits.dtype, device=dev).masked_fill(~allowed, torch.finfo(logits.dtype).min)
             pos = last[:, None] + 1 + off[None, :]
-            logits2, _ = _forward(model, cache, arg, input_ids=ids.expand(B, -1), attention_mask=bias, position_ids=pos)
+            if st is None:
+                bias = torch.zeros(allowed.shape, dtype=logits.dtype, device=dev).masked_fill(~allowed, torch.finfo(logits.dtype).min)
+                logits2, _ = _forward(model, cache, arg, input_ids=ids.expand(B, -1), attention_mask=bias, position_ids=pos)
+            else:
+                st.use(torch.tensor(gid, device=dev))
+                with st: logits2, _ = _forward(model, cache, arg, input_ids=ids.expand(B, -1), attention_mask=allowed, position_ids=pos)
             lp = torch.log_softmax(logits2.float(), -1).gather(-1, tgt.expand(B, -1)[..., None]).squeeze(-1)
             total = total.index_add(1, seg, lp)
         out[idx] = total.cpu().numpy()
