@@ -339,3 +339,17 @@ def test_models_that_cannot_split_attention_use_plain_batches(varied, legal):
     assert one == generate_batched(model, tok, prompts, batch_size=16, max_new_tokens=6, stop=set(), return_ids=True)
     comps = [" Other<|im_end|>", " Arbitration<|im_end|>"]
     np.testing.assert_allclose(label_logliks(model, tok, prompts, comps, batch_size=1), label_logliks(model, tok, prompts, comps, batch_size=16), atol=1e-3)
+
+
+def test_unfused_attention_path_gives_the_same_replies(varied, finance):
+    "Off a CPU the cascade attention runs as plain float32 matmuls (scores in chunks); forced here, replies are those of the fused path."
+    import vrnx_nb.evaluation as ev
+    from unittest import mock
+    model, tok = varied
+    prompts = [render_prompt(finance, e, tok) for e in finance.test[:8]]  # 6 questions on one table, 2 on the next
+    fused = generate_batched(model, tok, prompts, batch_size=16, max_new_tokens=6, stop=set(), return_ids=True)
+    with mock.patch.object(ev, "_fused", lambda q: False), mock.patch.object(ev, "_SCORES_PER_CHUNK", 4096):  # small chunks: several per prefill
+        plain = generate_batched(model, tok, prompts, batch_size=16, max_new_tokens=6, stop=set(), return_ids=True)
+    assert plain == fused
+    one = generate_batched(model, tok, prompts, batch_size=1, max_new_tokens=6, stop=set(), return_ids=True, share_prefix=False)
+    assert fused == one

@@ -370,15 +370,19 @@ def _extend_prefix(model, prefix, tokens:list, arg:str):
 
 _SCORES_PER_CHUNK = 1 << 24  # attention scores computed at once (64 MB in float32); longer queries go in chunks
 
+def _fused(q) -> bool:
+    "Whether `_attend` runs as one fused kernel that also returns the log-sum-exp (PyTorch's flash attention for CPUs)."
+    return q.device.type == "cpu"
+
 def _attend(q, k, v, scale:float, bias=None):
-    "Softmax attention of `q` (..., n, d) over `k`, `v` (..., L, d): (output, log-sum-exp of each query's scores)."
-    if q.device.type == "cpu" and q.dtype == torch.float32:  # one fused kernel that also returns the log-sum-exp
+    "Softmax attention of `q` (..., n, d) over `k`, `v` (..., L, d): (float32 output, log-sum-exp of each query's scores)."
+    if _fused(q):
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
-        return o, lse[..., None]
-    s = (q @ k.transpose(-1, -2)).float() * scale
+        return o.float(), lse.float()[..., None]
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale  # float32 scores: in bfloat16 an attention sink's score loses whole units
     if bias is not None: s = s + bias
     lse = torch.logsumexp(s, -1, keepdim=True)
-    return (torch.exp(s - lse).to(v.dtype) @ v).float(), lse
+    return torch.exp(s - lse) @ v.float(), lse
 
 def _attend_chunked(q, k, v, scale:float, bias=None):
     "`_attend` over chunks of queries, so the scores (or mask) of a long prompt never exceed `_SCORES_PER_CHUNK` at once."
@@ -396,13 +400,13 @@ class _Cascade:
         "Point each row at its prefix: `gid[r]` is a key of `self.prefixes` (-1: the row has no shared prefix)."
         ks = gid.unique().tolist()
         self.groups = [(self.prefixes[k][1], None if len(ks) == 1 else (gid == k).nonzero().squeeze(-1)) for k in ks if k >= 0]
-    def bias(self, mask, G:int):
-        "The 4D mask (bool or additive) as a float32 additive bias with each query repeated for the G heads sharing a key head."
+    def bias(self, mask, G:int, dtype):
+        "The 4D mask (bool or additive) as an additive bias in `dtype`, each query repeated for the G heads sharing a key head."
         if mask is None: return None
-        if self._bias[0] is not mask or self._bias[1] != G:  # once per forward pass, not once per layer
-            b = mask.float() if mask.dtype != torch.bool else torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+        if self._bias[0] is not mask or self._bias[1] != (G, dtype):  # once per forward pass, not once per layer
+            b = mask.to(dtype) if mask.dtype != torch.bool else torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
             B, _, T, L = b.shape
-            self._bias = (mask, G, b[:, :, None].expand(B, b.shape[1], G, T, L).reshape(B, b.shape[1], G * T, L))
+            self._bias = (mask, (G, dtype), b[:, :, None].expand(B, b.shape[1], G, T, L).reshape(B, b.shape[1], G * T, L))
         return self._bias[2]
     def __enter__(self):
         self.saved = [c._attn_implementation for c in self.configs]
@@ -424,7 +428,7 @@ def _cascade_attention(module, query, key, value, attention_mask=None, scaling=N
     kvh = key.shape[1]; G = H // kvh
     scale = scaling if scaling is not None else d ** -0.5
     q = query.reshape(B, kvh, G * T, d)  # the G query heads of one key/value head side by side
-    o, lse = _attend_chunked(q, key, value, scale, st.bias(attention_mask, G))
+    o, lse = _attend_chunked(q, key, value, scale, st.bias(attention_mask, G, query.dtype if _fused(query) else torch.float32))
     for layers, rows in st.groups:  # each group's prefix is read once for all its rows: their queries become one long query
         k0, v0 = layers[module.layer_idx]
         qg = q if rows is None else q[rows]
@@ -456,14 +460,15 @@ def _cascade_ok(model) -> bool:
     if ok:  # a plain pass over 8 tokens must give the logits of 5 tokens as prefix + 3 tokens through the cascade
         try:
             dev, arg = _first_param(model).device, _cache_arg(model)
-            ids = torch.arange(1, 9, device=dev)[None]
+            vocab = model.get_input_embeddings().num_embeddings  # ordinary tokens: special ones (ids 1-8) drive the model to extremes
+            ids = ((100 + 37 * torch.arange(8, device=dev)) % vocab)[None]
             full, _ = _forward(model, input_ids=ids)
             _, cache = _forward(model, input_ids=ids[:, :5])
             st = _Cascade(model); st.prefixes = {0: (5, [(l.keys, l.values) for l in cache.layers])}; st.use(torch.zeros(1, dtype=torch.long, device=dev))
             with st:
                 got, _ = _forward(model, _kv_cache(None, model), arg, input_ids=ids[:, 5:], position_ids=torch.arange(5, 8, device=dev)[None],
                                   attention_mask=torch.ones(3, 3, dtype=torch.bool, device=dev).tril()[None, None])
-            want, tol = full[:, 5:].float(), 1e-3 if full.dtype == torch.float32 else 3e-2  # half precision rounds more
+            want, tol = full[:, 5:].float(), 1e-3 if full.dtype == torch.float32 else 5e-2  # half precision rounds more
             ok = st.calls > 0 and bool((got.float() - want).abs().max() <= tol * want.abs().max().clamp(min=1))
         except Exception: ok = False
     _CASCADE_OK[model] = ok
