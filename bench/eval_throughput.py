@@ -1,12 +1,14 @@
 """Evaluation throughput: SmolLM2-135M on each bundled task, batch 1 vs batch 16.
 
 Batch 1 is the plain loop: `model.generate` on one prompt at a time, greedy (classification parsed from the text).
-Batch 16 is what `evaluate` does: prompts sorted by length, the shared prompt prefix run once (and a longer one shared
-by a cluster of prompts, such as finance questions on one report, once per cluster), prompts of similar length
-prefilled together and their caches stitched, left padding, room for the reply reserved in the cache (no copy
-per step), finished rows dropped; for classification the
-label is chosen by log-likelihood (all labels scored in one packed pass instead of generation). Both use the same reply budget (from the
-train targets' lengths) and the same stop tokens, so their replies can be compared (`same_as_batch1`).
+Batch 16 is what `evaluate` does: prompts sorted by length, prompts sharing a prefix (the instruction; a report that
+several finance questions are asked about) keep that prefix's keys and values once and attend to it through a cascade
+attention (read once per step for all its rows), similar lengths prefilled together, left padding, room for the reply
+reserved in the cache, finished rows dropped and replaced by waiting prompts (continuous batching, never more than 16
+rows per forward pass); for classification the label is chosen by log-likelihood (all labels scored in one packed pass
+instead of generation). Both use the same reply budget (from the train targets' lengths) and the same stop tokens, so
+their replies can be compared (`same_as_batch1`). The overall ratio takes, for legal, the log-likelihood row (what
+`evaluate` runs).
 Writes bench/results/eval_throughput.csv and prints the overall examples/s ratio last.
 
 Usage: python bench/eval_throughput.py [--n 32] [--threads 2]
