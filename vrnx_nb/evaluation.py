@@ -306,7 +306,6 @@ def _growing_layer_class():
                 self._k = keys.new_empty(*keys.shape[:2], self._n + extra, keys.shape[-1]); self._k[:, :, :self._n] = keys
                 self._v = values.new_empty(*values.shape[:2], self._n + extra, values.shape[-1]); self._v[:, :, :self._n] = values
             self._views()
-        def room(self) -> int: return self._k.shape[-2] - self._n
         def _views(self): self.keys, self.values = self._k[:, :, :self._n], self._v[:, :, :self._n]
         def update(self, key_states, value_states, *args, **kwargs):
             n = self._n + key_states.shape[-2]
@@ -454,7 +453,7 @@ def _cascade_ok(model) -> bool:
     if model in _CASCADE_OK: return _CASCADE_OK[model]
     cfg = getattr(model, "config", None)
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    ok = AttentionInterface is not None and cfg is not None and not getattr(cfg, "attn_logit_softcapping", None) \
+    ok = AttentionInterface is not None and _GrowingLayer is not type(None) and cfg is not None and not getattr(cfg, "attn_logit_softcapping", None) \
          and not (getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True)) \
          and all(t == "full_attention" for t in (getattr(cfg, "layer_types", None) or []))
     if ok:  # a plain pass over 8 tokens must give the logits of 5 tokens as prefix + 3 tokens through the cascade
@@ -480,9 +479,10 @@ def _own_mask(mask, T:int):
     causal = torch.ones(T, L, dtype=torch.bool, device=mask.device).tril(L - T)
     return mask.bool()[:, None, None, :] & causal
 
-def _prefix_ids(model, seqs:list, rows:list, clusters:list, cluster_of:dict, st, min_shared:int|None) -> list:
+def _prefix_ids(model, seqs:list, rows:list, clusters:list, st, min_shared:int|None) -> list:
     "The prefix each of `rows` reads (a key of `st.prefixes`): its cluster's longer shared one (computed once), else the common one (0), else none (-1)."
     base = st.prefixes.get(0); P = base[0] if base else 0
+    cluster_of = {i: c for c, m in enumerate(clusters) for i in m}
     ids = []
     for r in rows:
         c = cluster_of[r]; members = clusters[c]
@@ -560,12 +560,12 @@ def _greedy_stream(model, enc:list, order:list, batch_size:int, max_new_tokens:i
             for r in alive[~going].tolist(): on_done(r)
         return going, count
     # admit prompts when a quarter of the rows are free (the plain path only when all are: it cannot join caches)
-    room = max(1, batch_size // 4) if st is not None else batch_size
+    admit_at = max(1, batch_size // 4) if st is not None else batch_size
     while queue or (alive is not None and len(alive)):
         n_alive = 0 if alive is None else len(alive)
-        if queue and (n_alive == 0 or batch_size - n_alive >= room):
+        if queue and (n_alive == 0 or batch_size - n_alive >= admit_at):
             take, queue = queue[:batch_size - n_alive], queue[batch_size - n_alive:]
-            g2 = _prefix_ids(model, enc, take, clusters, cluster_of, st, min_shared) if st is not None else None
+            g2 = _prefix_ids(model, enc, take, clusters, st, min_shared) if st is not None else None
             first, c2, m2, l2 = _prefill(model, [enc[i] for i in take], pad_id, st, g2, extra=max_new_tokens)
             n2, a2, k2 = first.argmax(-1), torch.tensor(take, device=dev), torch.zeros(len(take), dtype=torch.long, device=dev)
             going, k2 = emit(n2, a2, k2)
@@ -676,7 +676,7 @@ def label_logliks(model, tokenizer, # a causal LM and its tokenizer
         if st is not None:  # prompts of this batch sharing a longer prefix (one document) read it once
             st.prefixes = {0: prefix} if prefix else {}
             clusters = _prefix_clusters(seqs, prefix[0] if prefix else 0, shared) if shared else [[i] for i in range(B)]
-            gid = _prefix_ids(model, seqs, list(range(B)), clusters, {i: c for c, m in enumerate(clusters) for i in m}, st, shared)
+            gid = _prefix_ids(model, seqs, list(range(B)), clusters, st, shared)
         logits, cache, mask, last = _prefill(model, seqs, _pad_id(tokenizer), st, gid)
         total = torch.log_softmax(logits.float(), -1)[:, heads]  # (B, C): each completion's first token
         if len(ids):  # every label's later tokens in one row per prompt, kept apart by a block-causal mask
