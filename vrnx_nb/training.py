@@ -13,14 +13,16 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['METHODS', 'DEFAULT_LR', 'ADAPTER_CONFIG_NAME', 'ADAPTER_WEIGHTS_NAME', 'ADAPTER_TARGETS', 'LOG_FIELDS', 'RUN_FILE',
-           'TrainConfig', 'BottleneckConfig', 'BottleneckLayer', 'BottleneckModel', 'tokenize_example',
-           'tokenize_split', 'PackedCollator', 'PaddedCollator', 'per_example_loss', 'CSVLogCallback',
+__all__ = ['METHODS', 'BALANCE_MODES', 'DEFAULT_LR', 'ADAPTER_CONFIG_NAME', 'ADAPTER_WEIGHTS_NAME', 'ADAPTER_TARGETS',
+           'LOG_FIELDS', 'RUN_FILE', 'TrainConfig', 'BottleneckConfig', 'BottleneckLayer', 'BottleneckModel',
+           'tokenize_example', 'tokenize_split', 'PackedCollator', 'PaddedCollator', 'per_example_loss',
+           'label_balance_weights', 'balanced_sampler', 'weighted_completion_loss', 'CSVLogCallback',
            'QuietProgressCallback', 'TrainResult', 'bnb_config', 'build_model', 'VrnxTrainer', 'finetune',
            'load_trained', 'merge_and_save', 'main_train']
 
 # %% ../nbs/05_training.ipynb #fc51ac43
 METHODS = ("full", "lora", "qlora", "adapter")
+BALANCE_MODES = ("oversample", "weight")
 DEFAULT_LR = {"full": 5e-5, "lora": 2e-4, "qlora": 2e-4, "adapter": 5e-4}
 _RUN_FIELDS = ("output_dir", "resume", "overwrite", "report_to", "keep_checkpoints") # do not change what is trained
 
@@ -52,6 +54,8 @@ class TrainConfig:
     overwrite: bool = False # replace an output dir that holds another run
     report_to: str|list = "none" # 'tensorboard', 'wandb', ... when installed
     keep_checkpoints: bool = False # keep `checkpoint-*` folders after a finished run
+    balance: str|None = None # None, 'oversample' (sampler draws rare labels more) or 'weight' (per-label loss weights)
+    balance_power: float = 0.5 # label weight = count**-power, mean 1: 0.5 square-root balancing, 1 every label equal
 
     def __post_init__(self):
         if self.method not in METHODS: raise ValueError(f"method: {self.method!r} is not one of {METHODS}")
@@ -69,12 +73,15 @@ class TrainConfig:
         if not 0 <= self.warmup_ratio < 1: raise ValueError(f"warmup_ratio: expected a value in [0, 1), got {self.warmup_ratio!r}")
         if self.method in ("lora", "qlora") and not 4 <= self.r <= 128:
             warnings.warn(f"r={self.r} is outside the usual LoRA range 4..128")
+        if self.balance is not None and self.balance not in BALANCE_MODES:
+            raise ValueError(f"balance: {self.balance!r} is not one of {BALANCE_MODES} or None")
+        if not 0 < self.balance_power <= 1: raise ValueError(f"balance_power: expected a value in (0, 1], got {self.balance_power!r}")
         if self.lora_alpha is None: self.lora_alpha = 2*self.r
         if self.learning_rate is None: self.learning_rate = DEFAULT_LR[self.method]
 
     def fingerprint(self, **extra) -> str:
         "Hash of the fields that change what is trained (plus `extra`, e.g. model and task)."
-        d = {k: v for k, v in asdict(self).items() if k not in _RUN_FIELDS}
+        d = {k: v for k, v in asdict(self).items() if k not in _RUN_FIELDS and not (k.startswith("balance") and self.balance is None)}
         return hashlib.sha256(json.dumps({**d, **extra}, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 # %% ../nbs/05_training.ipynb #2dec8d48
@@ -226,6 +233,8 @@ class PackedCollator:
         self.flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
     def __call__(self, features):
         batch = self.flatten([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
+        if "weight" in features[0]:  # per-example loss weight, repeated over its tokens
+            batch["token_weights"] = torch.tensor([[f["weight"] for f in features for _ in f["input_ids"]]])
         batch["use_cache"] = False
         return batch
 
@@ -240,7 +249,9 @@ class PaddedCollator:
         for i, f in enumerate(features):
             k = len(f["input_ids"])
             ids[i, :k], labels[i, :k], mask[i, :k] = torch.tensor(f["input_ids"]), torch.tensor(f["labels"]), 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "use_cache": False}
+        batch = {"input_ids": ids, "labels": labels, "attention_mask": mask, "use_cache": False}
+        if "weight" in features[0]: batch["token_weights"] = mask * torch.tensor([[f["weight"]] for f in features])
+        return batch
 
 def per_example_loss(model, batch) -> list[float]:
     "Mean completion loss of each example in a packed or padded batch (for checks)."
@@ -257,6 +268,36 @@ def per_example_loss(model, batch) -> list[float]:
         lab = labels[i, s+1:e]
         out.append((losses[i, s:e-1][lab != -100]).mean().item())
     return out
+
+# %% ../nbs/05_training.ipynb #cce1c198
+def label_balance_weights(targets:list, # each training example's label
+                          power:float=0.5, # weight = count**-power; 1 gives every label the same total weight
+                         ) -> list[float]:
+    "Per-example weights that lift rare labels: count(label)**-power, scaled to mean 1."
+    from collections import Counter
+    if not targets: raise ValueError("label_balance_weights: no targets")
+    counts = Counter(targets)
+    raw = [counts[t] ** -power for t in targets]
+    mean = sum(raw) / len(raw)
+    return [w / mean for w in raw]
+
+def balanced_sampler(weights:list, # per-example sampling weights
+                     seed:int=0, # the same seed draws the same examples
+                    ):
+    "A seeded sampler drawing `len(weights)` examples per epoch with replacement, in proportion to `weights`."
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.WeightedRandomSampler(weights, len(weights), replacement=True, generator=g)
+
+# %% ../nbs/05_training.ipynb #da5f70af
+def weighted_completion_loss(logits, # (batch, seq, vocab) model outputs
+                             labels, # (batch, seq) next-token targets, -100 where no loss
+                             token_weights, # (batch, seq) weight of each token's loss
+                            ):
+    "Weighted mean next-token cross-entropy over the completion tokens."
+    lab, w = labels[:, 1:], token_weights[:, 1:].to(torch.float32)
+    ce = nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), lab, ignore_index=-100, reduction="none")
+    keep = (lab != -100).float() * w
+    return (ce * keep).sum() / keep.sum().clamp_min(1e-9)
 
 # %% ../nbs/05_training.ipynb #089c6c4a
 from transformers import TrainerCallback, ProgressCallback
@@ -404,9 +445,10 @@ class _StepClock(TrainerCallback):
             self.trainer.steady_tokens += self.trainer.useful_tokens - self.tok0
 
 class VrnxTrainer(Trainer):
-    "transformers `Trainer` that counts useful tokens and checkpoints bottleneck adapters."
-    def __init__(self, *args, **kwargs):
+    "transformers `Trainer` that counts useful tokens, balances labels and checkpoints bottleneck adapters."
+    def __init__(self, *args, sample_weights:list|None=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.sample_weights = sample_weights
         self.useful_tokens, self.overhead_s, self.steady_tokens, self.steady_s = 0, 0.0, 0, 0.0
         self.add_callback(_StepClock(self))
 
@@ -415,11 +457,21 @@ class VrnxTrainer(Trainer):
         if self.steady_s > 0: return self.steady_tokens / self.steady_s
         return self.useful_tokens / max(runtime_s - self.overhead_s, 1e-9)
 
-    def compute_loss(self, model, inputs, *args, **kwargs):
+    def _get_train_sampler(self, train_dataset=None):
+        if self.sample_weights is None: return super()._get_train_sampler(train_dataset)
+        return balanced_sampler(self.sample_weights, self.args.data_seed or self.args.seed)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
             mask = inputs.get("attention_mask")
             self.useful_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
-        return super().compute_loss(model, inputs, *args, **kwargs)
+        weights = inputs.pop("token_weights", None)
+        if weights is None: return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        loss = weighted_completion_loss(outputs.logits, labels, weights)
+        self.loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides it over accumulation steps
+        return (loss, outputs) if return_outputs else loss
 
     def evaluate(self, *args, **kwargs):
         t = time.perf_counter()
@@ -533,6 +585,7 @@ def finetune(model:str, # model alias ('smollm2-135m', 'tiny'), local folder or 
              overwrite:bool=False, # replace an output dir holding another run
              callbacks:list|None=None, # extra `TrainerCallback`s
              device:str|None=None, # default: the best available
+             balance:str|None=None, # None, 'oversample' or 'weight': lift rare labels (classification tasks)
              **kwargs, # more `TrainConfig` fields: packing, max_val_examples, warmup_ratio, weight_decay, ...
             ) -> TrainResult:
     "Fine-tune `model` on `task` with `method`; early stopping on validation loss; returns a `TrainResult`."
@@ -547,12 +600,14 @@ def finetune(model:str, # model alias ('smollm2-135m', 'tiny'), local folder or 
                       learning_rate=learning_rate, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps,
                       gradient_checkpointing=gradient_checkpointing, early_stopping_patience=early_stopping_patience,
                       eval_steps=eval_steps, max_length=max_length, output_dir=output_dir, resume=resume, seed=seed,
-                      report_to=report_to, overwrite=overwrite, **kwargs)
+                      report_to=report_to, overwrite=overwrite, balance=balance, **kwargs)
     if not isinstance(model, (str, os.PathLike)): raise ValueError(f"model: expected a name or a path, got {type(model).__name__}")
     if isinstance(task, str): task = load_task(task)
     if "train" not in task.splits or not task.splits["train"]:
         raise ValueError(f"Task {task.name!r} has no train split (splits: {task.counts()}); call task.with_splits() first")
     if cfg.method == "qlora": _require_bitsandbytes()
+    if cfg.balance and task.kind != "classification":
+        raise ValueError(f"balance={cfg.balance!r} lifts rare labels and needs a classification task; {task.name!r} is {task.kind}")
     has_val = bool(task.splits.get("val"))
     if not has_val: warnings.warn(f"Task {task.name!r} has no val split: training without validation or early stopping (keeping the last step)")
     model_name = str(model)
@@ -574,6 +629,9 @@ def finetune(model:str, # model alias ('smollm2-135m', 'tiny'), local folder or 
     train_rows, n_cut = tokenize_split(task, "train", tok, max_len)
     if n_cut: warnings.warn(f"{n_cut} of {len(train_rows)} training examples are longer than max_length={max_len} tokens and were truncated (end of the input cut; instruction and answer kept)")
     val_rows = tokenize_split(task, "val", tok, max_len, cfg.max_val_examples)[0] if has_val else None
+    weights = label_balance_weights([e.target for e in task.train], cfg.balance_power) if cfg.balance else None
+    if cfg.balance == "weight":
+        for row, w in zip(train_rows, weights): row["weight"] = w
     world = int(os.environ.get("WORLD_SIZE", "1"))
     steps_per_epoch = max(1, math.ceil(len(train_rows) / (cfg.batch_size * cfg.grad_accum * world)))
     total_steps = cfg.max_steps or math.ceil(steps_per_epoch * cfg.epochs)
@@ -594,7 +652,7 @@ def finetune(model:str, # model alias ('smollm2-135m', 'tiny'), local folder or 
     cbs = [CSVLogCallback(out/"log.csv")] + list(callbacks or [])
     if has_val and cfg.early_stopping_patience: cbs.append(EarlyStoppingCallback(cfg.early_stopping_patience))
     trainer = VrnxTrainer(model=mdl, args=args, train_dataset=train_rows, eval_dataset=val_rows, processing_class=tok,
-                          data_collator=PackedCollator() if cfg.packing else PaddedCollator(tok.pad_token_id), callbacks=cbs)
+                          sample_weights=weights if cfg.balance == "oversample" else None, data_collator=PackedCollator() if cfg.packing else PaddedCollator(tok.pad_token_id), callbacks=cbs)
     if any(isinstance(c, ProgressCallback) for c in trainer.callback_handler.callbacks):
         trainer.remove_callback(ProgressCallback); trainer.add_callback(QuietProgressCallback())
     if device == "cuda": torch.cuda.reset_peak_memory_stats()
@@ -696,6 +754,7 @@ def main_train(argv:list[str]|None=None) -> int:
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report-to", default="none")
+    p.add_argument("--balance", choices=BALANCE_MODES, default=None, help="lift rare labels: oversample them or weight their loss")
     a = p.parse_args(argv)
     try:
         task = load_task(a.task, n_train=a.n_train, seed=a.seed)
@@ -703,7 +762,7 @@ def main_train(argv:list[str]|None=None) -> int:
                        grad_accum=a.grad_accum, max_steps=a.max_steps, eval_steps=a.eval_steps, max_length=a.max_length,
                        max_val_examples=a.max_val, early_stopping_patience=a.patience, gradient_checkpointing=a.gradient_checkpointing,
                        packing=not a.no_packing, output_dir=a.output_dir, overwrite=a.overwrite, resume=not a.no_resume,
-                       seed=a.seed, report_to=a.report_to)
+                       seed=a.seed, report_to=a.report_to, balance=a.balance)
     except (ValueError, ImportError) as e:
         print(f"vrnx train: error: {e}", file=sys.stderr); return 2
     print(res)
