@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test check nbtest pytest export clean-nbs readme bench
+.PHONY: install demo test check nbtest pytest export clean-nbs readme bench screenshots
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,3 +44,7 @@ clean-nbs: install
 
 readme: install
 	$(BIN)/jupyter nbconvert --to markdown --execute nbs/index.ipynb --output-dir . --output README
+
+# Refresh docs/screenshots/ (the browser test writes to a temp folder otherwise); needs chromium and playwright.
+screenshots: install
+	VRNX_SCREENSHOTS=docs/screenshots HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests/test_widgets_browser.py

@@ -1,4 +1,7 @@
-"The wizards in a real browser: JupyterLab + Debian's chromium driven by Playwright; screenshots to docs/screenshots/."
+"""The wizards in a real browser: JupyterLab + Debian's chromium driven by Playwright.
+
+Screenshots go to a temporary folder, so `make test` leaves the work tree clean; `make screenshots` sets
+VRNX_SCREENSHOTS=docs/screenshots (relative to the repository root) to refresh the committed ones."""
 import json, os, shutil, signal, socket, subprocess, sys, time, urllib.request, uuid
 from pathlib import Path
 import pytest
@@ -6,7 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 TUTORIAL = ROOT/"nbs"/"tutorials"/"wizards.ipynb"
-SHOTS = ROOT/"docs"/"screenshots"
+SHOTS_ENV = "VRNX_SCREENSHOTS"  # where to write the screenshots; unset: pytest's tmp_path
 JUPYTER = Path(sys.executable).parent/"jupyter"
 
 pytestmark = [pytest.mark.browser,
@@ -25,6 +28,15 @@ def _free_port() -> int:
 
 def _get(url, timeout=2.0):
     with urllib.request.urlopen(url, timeout=timeout) as r: return r.status, r.read()
+
+
+@pytest.fixture
+def shots(tmp_path) -> Path:
+    "The screenshot folder: $VRNX_SCREENSHOTS (relative paths from the repository root), else a temporary one."
+    env = os.environ.get(SHOTS_ENV)
+    d = (ROOT/env if not Path(env).is_absolute() else Path(env)) if env else tmp_path/"screenshots"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
 
 
 @pytest.fixture
@@ -88,13 +100,12 @@ def _wait_text(page, selector, pred, timeout=120.0, what=""):
     raise AssertionError(f"timed out waiting for {what or selector}; last text: {text[:500]!r}")
 
 
-def _shot(page, selector, name):
+def _shot(page, selector, path:Path):
     page.wait_for_timeout(700)   # let the last widget updates of a finished run land
     loc = page.locator(selector).first
     loc.scroll_into_view_if_needed()
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    loc.screenshot(path=str(SHOTS/name))
-    assert (SHOTS/name).stat().st_size > 5000
+    loc.screenshot(path=str(path))
+    assert path.stat().st_size > 5000
 
 
 def _press_slider(page, selector, key, times) -> str:
@@ -108,7 +119,7 @@ def _press_slider(page, selector, key, times) -> str:
 
 
 @pytest.mark.timeout(420)
-def test_wizards_in_jupyterlab(lab):
+def test_wizards_in_jupyterlab(lab, shots):
     from playwright.sync_api import sync_playwright
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True,
@@ -139,7 +150,7 @@ def test_wizards_in_jupyterlab(lab):
             assert int(n) > 40, n
             after = _wait_text(page, ".vrnx-strategy-summary", lambda t: t.startswith(f"{n} examples"), what="strategy to update")
             assert "reasons" in after.lower()
-            _shot(page, ".vrnx-strategy-box", "strategy_wizard.png")
+            _shot(page, ".vrnx-strategy-box", shots/"strategy_wizard.png")
 
             # 2. augment: fewer requests, run, wait for the table
             n = _press_slider(page, ".vrnx-augment-count", "ArrowLeft", 4)
@@ -148,7 +159,7 @@ def test_wizards_in_jupyterlab(lab):
             status = _wait_text(page, ".vrnx-augment-status", lambda t: t.startswith(("done", "error")), what="augment run")
             assert status.startswith("done") and f"{n}/{n} requests" in status, status
             assert "kept" in page.locator(".vrnx-augment-table").first.inner_text()
-            _shot(page, ".vrnx-augment-box", "augment_wizard.png")
+            _shot(page, ".vrnx-augment-box", shots/"augment_wizard.png")
 
             # 3. train: rank one step up, train, wait for the saved folder
             rank = _press_slider(page, ".vrnx-train-rank", "ArrowRight", 1)
@@ -167,7 +178,7 @@ def test_wizards_in_jupyterlab(lab):
             assert exported.startswith("merged,") and " MB: " in exported, exported
             export_dir = Path(exported.split(" MB: ", 1)[1].strip())
             assert (export_dir/"README.md").exists() and (export_dir/"config.json").exists(), export_dir
-            _shot(page, ".vrnx-train-box", "train_wizard.png")
+            _shot(page, ".vrnx-train-box", shots/"train_wizard.png")
 
             # 4. results: the trained run arrived next to zero-shot; pick it alone, then both
             select = page.locator(".vrnx-results-pick select").first
@@ -183,7 +194,7 @@ def test_wizards_in_jupyterlab(lab):
             _wait_text(page, ".vrnx-results-table", lambda t: "zero-shot" not in t and method in t, what="the table to follow the pick")
             select.select_option(index=list(range(len(labels))))
             _wait_text(page, ".vrnx-results-table", lambda t: "zero-shot" in t and method in t, what="both runs again")
-            _shot(page, ".vrnx-results-box", "results_dashboard.png")
+            _shot(page, ".vrnx-results-box", shots/"results_dashboard.png")
             assert not errors, errors
         except BaseException:
             shot = lab["log"].parent/"failure.png"

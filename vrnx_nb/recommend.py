@@ -6,12 +6,14 @@ Docs: https://vrnx.github.io/vrnx_nb/recommend.html.md"""
 
 # %% ../nbs/03_recommend.ipynb #10f21e7d
 from __future__ import annotations
-import argparse, math, sys
+import argparse, math, numbers, sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from .memory import GB, METHODS, MemoryEstimate, estimate_memory, count_params, load_config, _check_pos
 
 # %% auto #0
-__all__ = ['DEFAULT_LR', 'GPU_TFLOPS', 'CPU_TFLOPS', 'HEADROOM', 'Strategy', 'recommend', 'main_recommend']
+__all__ = ['DEFAULT_LR', 'GPU_TFLOPS', 'CPU_TFLOPS', 'HEADROOM', 'SKEW_SHARE', 'SKEW_RATIO', 'Strategy', 'recommend',
+           'main_recommend']
 
 # %% ../nbs/03_recommend.ipynb #d9e6ef09
 DEFAULT_LR = {"full": 5e-5, "lora": 2e-4, "qlora": 2e-4, "adapter": 5e-4}  # the training module's defaults
@@ -32,13 +34,15 @@ class Strategy:
     est_time_hours: float|None = None
     feasible: bool = True
     reasons: list = field(default_factory=list)
+    balance: str|None = None   # finetune's label balancing: 'oversample' or 'weight'; None: off
 
     def finetune_kwargs(self) -> dict:
         "Keyword arguments for `finetune(model, task, **kw)`."
         if not self.feasible: raise ValueError(f"No feasible strategy: {self.reasons[-1]}")
-        return dict(method=self.method, r=self.r, lora_alpha=self.lora_alpha, learning_rate=self.learning_rate, epochs=self.epochs,
-                    batch_size=self.batch_size, grad_accum=self.grad_accum, gradient_checkpointing=self.gradient_checkpointing,
-                    early_stopping_patience=self.early_stopping_patience)
+        kw = dict(method=self.method, r=self.r, lora_alpha=self.lora_alpha, learning_rate=self.learning_rate,
+                  epochs=self.epochs, batch_size=self.batch_size, grad_accum=self.grad_accum,
+                  gradient_checkpointing=self.gradient_checkpointing, early_stopping_patience=self.early_stopping_patience)
+        return kw if self.balance is None else {**kw, "balance": self.balance}  # only when on: finetune's older callers
 
     def augment_kwargs(self) -> dict:
         "Keyword arguments for the synthetic-data pipeline: how many examples to end up with."
@@ -52,6 +56,7 @@ class Strategy:
         return [f"{self.method} r={self.r} alpha={self.lora_alpha} on {self.model} ({self.n_examples} examples)",
                 f"augment: {aug}", f"lr {self.learning_rate:g}, {self.epochs} epochs, early stopping patience {self.early_stopping_patience}",
                 f"batch {self.batch_size} x grad_accum {self.grad_accum}, seq_len {self.seq_len}, gradient checkpointing {self.gradient_checkpointing}",
+                *([f"balance: {self.balance}"] if self.balance else []),
                 f"memory: {mem}", f"time: ~{self.est_time_hours:.2g} h" if self.est_time_hours is not None else "time: ?"]
 
     def __repr__(self):
@@ -79,6 +84,34 @@ def _base_plan(n:int, memory_fits) -> tuple[str, int, list[str]]:
         return "full", r, [f"{n} >= 1,000 examples and full fine-tuning fits the budget: full fine-tuning (paper's matrix: 'LoRA r=16-32 or full if it fits')"]
     return "lora", r, [f"{n} >= 1,000 examples: LoRA with r={r} (paper's matrix: r=16-32, 32 from 5,000 examples); full fine-tuning does not fit"]
 
+# %% ../nbs/03_recommend.ipynb #c140c5e9
+SKEW_SHARE = 0.6  # balance when the largest label holds more than this share of the training examples ...
+SKEW_RATIO = 3.0  # ... or more than this many times the examples of the rarest label
+
+def _pct(x:float) -> str: return f"{100*x:.3g}%"
+
+def _balance_plan(label_counts) -> tuple[str|None, str]:
+    "Label balancing for `finetune` ('oversample' or None) from training examples per label, and the reason line."
+    if not isinstance(label_counts, Mapping):
+        raise ValueError(f"label_counts: expected a dict label -> training examples (e.g. `task.label_counts()`), "
+                         f"got {type(label_counts).__name__}")
+    for k, v in label_counts.items():
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+            raise ValueError(f"label_counts[{k!r}]: expected a number of examples >= 0, got {v!r}")
+    counts = sorted(((int(v), k) for k, v in label_counts.items() if v > 0), key=lambda t: -t[0])  # stable on ties
+    if not counts: raise ValueError(f"label_counts: no training examples counted (got {dict(label_counts)!r})")
+    empty = [k for k, v in label_counts.items() if v == 0]
+    absent = f"; no training examples at all for {empty} (oversampling cannot add them)" if empty else ""
+    (big, top), (small, _) = counts[0], counts[-1]
+    total = sum(c for c, _ in counts)
+    if len(counts) == 1: return None, f"One label in the training examples ({top!r}, {total}): nothing to balance" + absent
+    share = big / total
+    said = f"{top!r} is {_pct(share)} of {total} examples ({big} vs {small} for the rarest)"
+    rule = f"balancing when one label is over {_pct(SKEW_SHARE)} of the examples or over {SKEW_RATIO:g}x the rarest"
+    if share > SKEW_SHARE or big / small > SKEW_RATIO:
+        return "oversample", f"Skewed labels: {said}: oversample rare labels in training ({rule}){absent}"
+    return None, f"Labels balanced enough: {said}: balancing off ({rule}){absent}"
+
 # %% ../nbs/03_recommend.ipynb #934d6893
 def recommend(n_examples:int, # labelled examples available for training
               gpu_memory_gb:float|None=None, # GPU memory budget; None or 0: the CPU with the system RAM available now
@@ -87,11 +120,13 @@ def recommend(n_examples:int, # labelled examples available for training
               effective_batch:int=16, # examples per optimizer step (batch_size x grad_accum)
               tokens_per_example:int|None=None, # average tokens per example for the time estimate; default seq_len
               tflops:float|None=None, # sustained training throughput; default GPU_TFLOPS or CPU_TFLOPS
+              label_counts:dict|None=None, # label -> training examples (`Task.label_counts()`); skewed: oversample
              ) -> Strategy:
-    "The paper's recommendation for `n_examples` and a memory budget, adjusted until it fits, with the reasons."
+    "The paper's recommendation for `n_examples`, a memory budget and label counts, adjusted until it fits, with the reasons."
     _check_pos("n_examples", n_examples); _check_pos("seq_len", seq_len); _check_pos("effective_batch", effective_batch)
     if tokens_per_example is not None: _check_pos("tokens_per_example", tokens_per_example)
     if tflops is not None and not (isinstance(tflops, (int, float)) and tflops > 0): raise ValueError(f"tflops must be > 0, got {tflops!r}")
+    balance, why_balance = (None, None) if label_counts is None else _balance_plan(label_counts)
     reasons = []
     if gpu_memory_gb is None or gpu_memory_gb == 0:
         device, budget, dtype = "cpu", _system_ram_gb(), "float32"
@@ -114,6 +149,7 @@ def recommend(n_examples:int, # labelled examples available for training
     else:
         augment, target = False, 0
         if n < 1000: reasons.append(f"{n} >= 500 examples: augmentation optional (paper), off by default")
+    if why_balance: reasons.append(why_balance)
     smallest = est("qlora", 4, 1, True)
     if smallest.total > limit:
         reasons.append(f"Not feasible: even the smallest plan, QLoRA r=4, batch 1, gradient checkpointing, seq_len {seq_len}, needs "
@@ -121,7 +157,7 @@ def recommend(n_examples:int, # labelled examples available for training
                        f"(90% of {budget:.1f} GB). Use about {math.ceil(smallest.total / HEADROOM)} GB or more, a smaller model, or shorter sequences.")
         return Strategy(name, n, budget, device, method="qlora", r=4, lora_alpha=8, augment=augment, augment_target_count=target,
                         batch_size=1, grad_accum=effective_batch, gradient_checkpointing=True, seq_len=seq_len, est_memory=smallest,
-                        feasible=False, reasons=reasons)
+                        feasible=False, reasons=reasons, balance=balance)
     bs, gc = min(8, effective_batch), False
     e = est(method, r, bs, gc)
     while e.total > limit:  # terminates: the smallest plan fits
@@ -143,20 +179,33 @@ def recommend(n_examples:int, # labelled examples available for training
     hours = _train_flops_per_token(pc.total, method, gc) * tokens / (speed * 1e12) / 3600
     return Strategy(name, n, budget, device, method=method, r=r, lora_alpha=2*r, augment=augment, augment_target_count=target,
                     learning_rate=lr, epochs=epochs, early_stopping_patience=2, batch_size=bs, grad_accum=max(1, effective_batch // bs),
-                    gradient_checkpointing=gc, seq_len=seq_len, est_memory=e, est_time_hours=hours, reasons=reasons)
+                    gradient_checkpointing=gc, seq_len=seq_len, est_memory=e, est_time_hours=hours, reasons=reasons,
+                    balance=balance)
 
 # %% ../nbs/03_recommend.ipynb #7bf588f8
 def main_recommend(argv:list[str]|None=None) -> int:
     "`vrnx recommend`: print the recommended strategy and its memory breakdown."
     ap = argparse.ArgumentParser(prog="vrnx recommend", description="Recommend a fine-tuning strategy for a data size and memory budget.")
-    ap.add_argument("--examples", type=int, required=True, help="labelled training examples available")
+    ap.add_argument("--examples", type=int, default=None, help="labelled training examples (default with --task: its train split)")
+    ap.add_argument("--task", default=None, help="bundled task (legal, medical, finance): label counts of its train split")
+    ap.add_argument("--n-train", type=int, default=None, help="with --task: cap its train split at this many examples")
     ap.add_argument("--gpu-gb", type=float, default=None, help="GPU memory in GB; omit or 0 for the CPU (system RAM)")
     ap.add_argument("--model", default="smollm2-135m", help="alias (llama-2-7b, mistral-7b, ...), folder with config.json, or hub id")
     ap.add_argument("--seq-len", type=int, default=512, help="tokens per training sequence")
     ap.add_argument("--effective-batch", type=int, default=16, help="examples per optimizer step")
     ap.add_argument("--tflops", type=float, default=None, help="sustained training TFLOP/s for the time estimate")
     a = ap.parse_args(argv)
-    try: s = recommend(a.examples, a.gpu_gb, a.model, seq_len=a.seq_len, effective_batch=a.effective_batch, tflops=a.tflops)
+    if a.task is None and a.examples is None: ap.error("--examples is required (or --task NAME)")
+    if a.task is None and a.n_train is not None: ap.error("--n-train needs --task")
+    try:
+        counts, n = None, a.examples
+        if a.task is not None:
+            from vrnx_nb.tasks import load_task
+            task = load_task(a.task, n_train=a.n_train)
+            counts = task.label_counts() if task.kind == "classification" else None  # free-text targets: no labels
+            n = len(task.split("train")) if n is None else n
+        s = recommend(n, a.gpu_gb, a.model, seq_len=a.seq_len, effective_batch=a.effective_batch, tflops=a.tflops,
+                      label_counts=counts)
     except ValueError as e:
         print(f"vrnx recommend: error: {e}", file=sys.stderr); return 2
     print(repr(s))
