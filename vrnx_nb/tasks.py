@@ -6,16 +6,18 @@ Docs: https://vrnx.github.io/vrnx_nb/tasks.html.md"""
 
 # %% ../nbs/00_tasks.ipynb #d4cba341
 from __future__ import annotations
-import csv, hashlib, importlib.util, io, json, math, random, warnings
+import csv, hashlib, importlib.util, io, json, math, random, re, warnings
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace, asdict
 from pathlib import Path
 from typing import Any, Iterable
 
 # %% auto #0
-__all__ = ['KINDS', 'LEGAL_INSTRUCTION', 'MEDICAL_INSTRUCTION', 'FINANCE_INSTRUCTION', 'BUNDLED_TASKS', 'TASK_ALIASES', 'Example',
-           'Task', 'load_examples', 'split_indices', 'cap_train', 'data_dir', 'render_table', 'format_answer',
-           'load_task', 'render_messages', 'render_prompt', 'render_pair', 'make_task', 'task_card']
+__all__ = ['KINDS', 'LEGAL_INSTRUCTION', 'MEDICAL_INSTRUCTION', 'FINANCE_INSTRUCTION', 'BUNDLED_TASKS', 'TASK_ALIASES',
+           'LEGAL_CUES', 'Example', 'Task', 'load_examples', 'split_indices', 'cap_train', 'data_dir', 'render_table',
+           'format_answer', 'load_task', 'cue_shares', 'render_messages', 'render_prompt', 'render_pair', 'make_task',
+           'task_card']
 
 # %% ../nbs/00_tasks.ipynb #e9faa704
 KINDS = {"classification": "accuracy", "summarization": "rougeL", "qa": "exact_match"}
@@ -53,6 +55,10 @@ class Task:
         self.metric = self.metric or KINDS[self.kind]
         if not self.examples: raise ValueError(f"Task {self.name!r}: no examples")
         if self.kind == "classification":
+            variants = _label_variants(self.examples, self.labels)
+            if variants: raise ValueError(f"Task {self.name!r}: labels that differ only in case or surrounding spaces: "
+                                          f"{variants}; normalise them to one spelling (e.g. strip and lower-case the "
+                                          "target column) before making the task")
             if not self.labels: self.labels = sorted({e.target for e in self.examples})
             known = set(self.labels)
             for i, e in enumerate(self.examples):
@@ -87,86 +93,147 @@ class Task:
         labels = f", {len(self.labels)} labels" if self.labels else ""
         return f"Task({self.name!r}, {self.kind}, {len(self.examples)} examples{labels}, metric={self.metric}, splits={self.counts()})"
 
+# %% ../nbs/00_tasks.ipynb #b6a0eca6
+def _label_variants(examples:list, # the examples whose targets are compared
+                    declared:list|None=None, # labels the user declared; variants all declared are taken as meant
+                   ) -> str:
+    "Targets that differ only in case or surrounding spaces, described with counts and ids; '' when there are none."
+    seen = defaultdict(lambda: defaultdict(list))
+    for i, e in enumerate(examples): seen[e.target.strip().casefold()][e.target].append(e.id or str(i))
+    groups = [g for g in seen.values() if len(g) > 1 and not (declared and set(g) <= set(declared))]
+    ids = lambda xs: ", ".join(xs[:3]) + (", ..." if len(xs) > 3 else "")
+    return "; ".join(", ".join(f"{t!r} {len(xs)} (ids {ids(xs)})" for t, xs in g.items()) for g in groups)
+
+# %% ../nbs/00_tasks.ipynb #41f8d100
+_DELIMITERS = (",", ";", "\t", "|")
+
+def _header(text:str, delimiter:str) -> list:
+    "The first CSV record of `text` read with `delimiter`."
+    return next(csv.reader(io.StringIO(text), delimiter=delimiter), [])
+
+def _csv_delimiter(text:str, # the whole file
+                   default:str, # the delimiter the format implies: ',' for csv, tab for tsv
+                   expect:tuple=(), # fields the header must have
+                  ) -> tuple[str, str]:
+    "The delimiter whose header has every `expect` field, and, when none has, a note on how the header looked."
+    if all(f in _header(text, default) for f in expect): return default, ""
+    for d in _DELIMITERS:
+        if all(f in _header(text, d) for f in expect): return d, ""
+    widest = max(_DELIMITERS, key=lambda d: len(_header(text, d)))
+    cols = _header(text, widest)
+    wider = widest != default and len(cols) > 1
+    seen = f"; split on {widest!r} the header line has {len(cols)} columns {cols[:8]}" if wider else ""
+    return default, f" (read with delimiter {default!r}{seen})"
+
+@contextmanager
+def _field_limit(n:int):
+    "Let the csv module read fields of up to `n` characters, then restore its limit."
+    old = csv.field_size_limit()
+    csv.field_size_limit(max(old, n))
+    try: yield
+    finally: csv.field_size_limit(old)
+
 # %% ../nbs/00_tasks.ipynb #e1ffcb83
-def _rows_from_file(path:Path, fmt:str|None) -> Iterable[tuple[str, dict]]:
-    "Yield (location, row) pairs from a data file."
+def _rows_from_file(path:Path, fmt:str|None, expect:tuple=()) -> tuple[list, str]:
+    "(location, row) pairs from a data file, and a note for errors on how a CSV header was read."
     fmt = (fmt or path.suffix.lstrip(".")).lower()
     if not path.exists(): raise ValueError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     if not text.strip(): raise ValueError(f"{path}: the file is empty; expected {fmt.upper()} rows")
+    rows = []
     if fmt in ("csv", "tsv"):
-        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if fmt == "tsv" else ",")
-        for i, row in enumerate(reader, start=2):
-            if None in row: raise ValueError(f"{path}, row {i}: more values than the {len(reader.fieldnames)} header columns")
-            yield f"{path}, row {i}", row
-    elif fmt == "jsonl":
+        with _field_limit(len(text) + 1):
+            delimiter, note = _csv_delimiter(text, "\t" if fmt == "tsv" else ",", expect)
+            reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
+            for i, row in enumerate(reader, start=2):
+                if None in row: raise ValueError(f"{path}, row {i}: more values than the {len(reader.fieldnames)} header columns{note}")
+                rows.append((f"{path}, row {i}", row))
+        return rows, note
+    if fmt == "jsonl":
         for i, line in enumerate(text.splitlines(), start=1):
             if not line.strip(): continue
             try: row = json.loads(line)
             except json.JSONDecodeError as e: raise ValueError(f"{path}, line {i}: malformed JSON ({e.msg} at column {e.colno}); expected one JSON object per line") from None
             if not isinstance(row, dict): raise ValueError(f"{path}, line {i}: expected a JSON object, got {type(row).__name__}")
-            yield f"{path}, line {i}", row
-    elif fmt == "json":
+            rows.append((f"{path}, line {i}", row))
+        return rows, ""
+    if fmt == "json":
         try: data = json.loads(text)
         except json.JSONDecodeError as e: raise ValueError(f"{path}: malformed JSON ({e.msg} at line {e.lineno}); expected a list of objects") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list): data = data["data"]
         if not isinstance(data, list): raise ValueError(f"{path}: expected a JSON list of objects (or {{'data': [...]}}), got {type(data).__name__}")
         for i, row in enumerate(data):
             if not isinstance(row, dict): raise ValueError(f"{path}, item {i}: expected a JSON object, got {type(row).__name__}")
-            yield f"{path}, item {i}", row
-    else: raise ValueError(f"{path}: unknown format {fmt!r}; expected csv, tsv, jsonl or json")
+            rows.append((f"{path}, item {i}", row))
+        return rows, ""
+    raise ValueError(f"{path}: unknown format {fmt!r}; expected csv, tsv, jsonl or json")
 
-def _rows(source, fmt=None) -> tuple[str, list[tuple[str, dict]]]:
-    "Name and (location, row) pairs of any supported source."
+def _rows(source, fmt=None, expect:tuple=()) -> tuple[str, list[tuple[str, dict]], str]:
+    "Name, (location, row) pairs and a note on how the header was read, for any supported source."
     if isinstance(source, (str, Path)):
-        path = Path(source); return str(path), list(_rows_from_file(path, fmt))
+        path = Path(source); return (str(path), *_rows_from_file(path, fmt, expect))
     if type(source).__name__ == "DataFrame":
-        return "DataFrame", [(f"DataFrame, row {i}", dict(r)) for i, r in zip(source.index, source.to_dict("records"))]
+        return "DataFrame", [(f"DataFrame, row {i}", dict(r)) for i, r in zip(source.index, source.to_dict("records"))], ""
     if type(source).__name__ == "Dataset" and hasattr(source, "column_names"):
-        return "Dataset", [(f"Dataset, row {i}", r) for i, r in enumerate(source)]
+        return "Dataset", [(f"Dataset, row {i}", r) for i, r in enumerate(source)], ""
     if isinstance(source, list):
-        return "list", [(f"list, item {i}", r) for i, r in enumerate(source)]
+        return "list", [(f"list, item {i}", r) for i, r in enumerate(source)], ""
     raise ValueError(f"Cannot read examples from a {type(source).__name__}: expected a file path, a pandas DataFrame, a datasets.Dataset or a list of dicts")
+
+def _unknown_label(where:str, field:str, target:str, allowed:set) -> str:
+    "The message for a target outside the label set, pointing at a spelling that differs only in case."
+    close = [l for l in sorted(allowed) if l.casefold() == target.casefold()]
+    hint = f" ({target!r} differs only in case from {close[0]!r}: normalise the labels)" if close else ""
+    return f"{where}, field {field!r}: unknown label {target!r}; expected one of {sorted(allowed)}{hint}"
 
 def load_examples(source, # a csv/tsv/jsonl/json path, DataFrame, datasets.Dataset or list of dicts
                   input_field:str="input", # column holding the model's input
                   target_field:str="target", # column holding the expected output
                   id_field:str|None=None, # column with a stable id (default: the row number)
-                  labels:list|None=None, # allowed labels; a target outside them is an error
+                  labels:list|None=None, # allowed labels; a target outside them (after stripping spaces) is an error
                   fmt:str|None=None, # file format when the suffix does not say
                  ) -> list:
     "Read and check labelled examples from a file or table."
-    name, rows = _rows(source, fmt)
+    name, rows, note = _rows(source, fmt, (input_field, target_field))
     if not rows: raise ValueError(f"{name}: no rows; expected at least one example with fields {input_field!r} and {target_field!r}")
     allowed, out = (set(labels) if labels else None), []
     for where, row in rows:
         for f in (input_field, target_field):
-            if f not in row: raise ValueError(f"{where}: missing field {f!r}; the row has {sorted(row)}")
+            if f not in row: raise ValueError(f"{where}: missing field {f!r}; the row has {sorted(row)}{note}")
             if row[f] is None or (isinstance(row[f], float) and math.isnan(row[f])): raise ValueError(f"{where}, field {f!r}: expected a string, got an empty cell")
             if not isinstance(row[f], str): raise ValueError(f"{where}, field {f!r}: expected a string, got {type(row[f]).__name__} ({row[f]!r:.60})")
             if not row[f].strip(): raise ValueError(f"{where}, field {f!r}: expected a non-empty string")
-        if allowed is not None and row[target_field] not in allowed: raise ValueError(f"{where}, field {target_field!r}: unknown label {row[target_field]!r}; expected one of {sorted(allowed)}")
+        target = row[target_field].strip()
+        if allowed is not None and target not in allowed: raise ValueError(_unknown_label(where, target_field, target, allowed))
         ident = str(row[id_field]) if id_field and row.get(id_field) is not None else where.rsplit(" ", 1)[-1]
         meta = {k: v for k, v in row.items() if k not in (input_field, target_field)}
-        out.append(Example(row[input_field].strip(), row[target_field].strip(), id=ident, meta=meta))
+        out.append(Example(row[input_field].strip(), target, id=ident, meta=meta))
     return out
 
 # %% ../nbs/00_tasks.ipynb #daf9fd24
-def _stratified_take(idx:list, keys:list, n:int, rng:random.Random) -> list:
-    "Take `n` of `idx` keeping each key's share, at least one per key where possible."
+def _stratified_take(idx:list, keys:list, n:int, rng:random.Random, least:int=1) -> list:
+    "Take `n` of `idx` keeping each key's share, at least `least` per key where possible (all of a key with fewer)."
     by_key = defaultdict(list)
     for i, k in zip(idx, keys): by_key[k].append(i)
     for v in by_key.values(): rng.shuffle(v)
     total = len(idx)
-    quota = {k: max(1, math.floor(n*len(v)/total)) if n >= len(by_key) else 0 for k, v in by_key.items()}
-    for k in quota: quota[k] = min(quota[k], len(by_key[k]))
+    floor = {k: min(least, len(v)) for k, v in by_key.items()}
+    if n < sum(floor.values()): floor = dict.fromkeys(by_key, 0)
+    quota = {k: min(len(v), max(floor[k], math.floor(n*len(v)/total))) if floor[k] else 0 for k, v in by_key.items()}
     order = sorted(by_key, key=lambda k: (-len(by_key[k]), str(k)))
     while sum(quota.values()) > n:
-        k = max(order, key=lambda k: quota[k]); quota[k] -= 1
+        k = max((k for k in order if quota[k] > floor[k]), key=lambda k: quota[k]); quota[k] -= 1
     rest = [i for k in order for i in by_key[k][quota[k]:]]
     rng.shuffle(rest)
     taken = [i for k in order for i in by_key[k][:quota[k]]] + rest[:n-sum(quota.values())]
     return sorted(taken)
+
+def _split_sizes(n:int, val_size:int|float, test_size:int|float) -> dict:
+    "Val and test counts out of `n` examples from counts or shares."
+    sizes = {k: (round(v*n) if isinstance(v, float) and v < 1 else int(v)) for k, v in (("val", val_size), ("test", test_size))}
+    for k, v in sizes.items():
+        if v < 0: raise ValueError(f"{k}_size: expected a count >= 0 or a share in [0, 1), got {v}")
+    return sizes
 
 def split_indices(examples:list, # the examples to split
                   val_size:int|float=0.1, # count, or share of all examples
@@ -177,9 +244,7 @@ def split_indices(examples:list, # the examples to split
                  ) -> dict:
     "Seeded train/val/test index lists, stratified by target and kept whole by group."
     n = len(examples)
-    sizes = {k: (round(v*n) if isinstance(v, float) and v < 1 else int(v)) for k, v in (("val", val_size), ("test", test_size))}
-    for k, v in sizes.items():
-        if v < 0: raise ValueError(f"{k}_size: expected a count >= 0 or a share in [0, 1), got {v}")
+    sizes = _split_sizes(n, val_size, test_size)
     if sizes["val"] + sizes["test"] >= n: raise ValueError(f"val_size {sizes['val']} + test_size {sizes['test']} leave no training examples out of {n}")
     rng = random.Random(seed)
     if groups is not None:
@@ -204,20 +269,38 @@ def split_indices(examples:list, # the examples to split
 def cap_train(task:Task, # the task to cut down
               n_train:int, # how many training examples to keep
               seed:int=0, # the same seed keeps the same examples
+              min_per_label:int|None=None, # at least this many of each label (all of a label with fewer); None: stratified
              ) -> Task:
     "The task with a seeded (stratified for classification) subset of `n_train` training examples; val and test unchanged."
     train = task.splits.get("train", [])
     if not isinstance(n_train, int) or n_train <= 0: raise ValueError(f"n_train: expected a positive integer, got {n_train!r}")
     if n_train > len(train): raise ValueError(f"Task {task.name!r}: n_train={n_train} is larger than its train split ({len(train)} examples)")
     keys = [task.examples[i].target for i in train] if task.kind == "classification" else [0]*len(train)
-    kept = _stratified_take(train, keys, n_train, random.Random(seed))
+    if min_per_label is not None: _check_min_per_label(task, keys, n_train, min_per_label)
+    kept = _stratified_take(train, keys, n_train, random.Random(seed), least=min_per_label or 1)
     return replace(task, splits={**task.splits, "train": kept})
 
+# %% ../nbs/00_tasks.ipynb #b5bc439d
+def _check_min_per_label(task:Task, keys:list, n_train:int, k) -> None:
+    "Raise when `min_per_label=k` is not a positive count, the task is not classification, or `n_train` cannot hold it."
+    if task.kind != "classification":
+        raise ValueError(f"Task {task.name!r}: min_per_label applies to classification tasks; this one is {task.kind}")
+    if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
+        raise ValueError(f"min_per_label: expected a positive integer or None, got {k!r}")
+    have = Counter(keys)
+    need = sum(min(k, c) for c in have.values())
+    if n_train < need:
+        short = [l for l, c in have.items() if c < k]
+        fewer = f"; {len(short)} of them have fewer than {k} and count with all they have" if short else ""
+        raise ValueError(f"Task {task.name!r}: n_train={n_train} cannot hold min_per_label={k} for the {len(have)} labels of "
+                         f"its train split: it needs n_train >= {need} ({k} x {len(have)}{fewer}); raise n_train or lower min_per_label")
+
 # %% ../nbs/00_tasks.ipynb #37efbb8f
-def _with_splits(self:Task, seed:int=0, val_size:int|float=0.1, test_size:int|float=0.2, n_train:int|None=None, groups:list|None=None) -> Task:
-    "A copy with fresh seeded splits, optionally capping train at `n_train`."
+def _with_splits(self:Task, seed:int=0, val_size:int|float=0.1, test_size:int|float=0.2, n_train:int|None=None, groups:list|None=None,
+                 min_per_label:int|None=None) -> Task:
+    "A copy with fresh seeded splits, optionally capping train at `n_train` (with `min_per_label` of each label)."
     task = replace(self, splits=split_indices(self.examples, val_size, test_size, seed, self.kind == "classification", groups))
-    return cap_train(task, n_train, seed) if n_train else task
+    return cap_train(task, n_train, seed, min_per_label) if n_train else task
 
 def _with_train(self:Task, examples:list) -> Task:
     "A copy whose train split is `examples` (appended to the pool); val and test unchanged."
@@ -296,6 +379,7 @@ TASK_ALIASES = {"unfair_tos": "legal", "unfair-tos": "legal", "meqsum": "medical
 def load_task(name:str, # 'legal', 'medical' or 'finance' (or unfair_tos, meqsum, tatqa)
               n_train:int|None=None, # cap the train split for a limited-data run
               seed:int=0, # which n_train examples are kept
+              min_per_label:int|None=None, # with n_train: keep at least this many of each label (classification)
              ) -> Task:
     "One of the three bundled real tasks with its fixed splits."
     import difflib
@@ -304,7 +388,33 @@ def load_task(name:str, # 'legal', 'medical' or 'finance' (or unfair_tos, meqsum
         close = difflib.get_close_matches(key, list(BUNDLED_TASKS) + list(TASK_ALIASES), n=2, cutoff=0.5)
         raise ValueError(f"Unknown task {name!r}: expected one of {sorted(BUNDLED_TASKS)}" + (f". Did you mean {close[0]!r}?" if close else ""))
     task = BUNDLED_TASKS[key]()
-    return cap_train(task, n_train, seed) if n_train else task
+    return cap_train(task, n_train, seed, min_per_label) if n_train else task
+
+# %% ../nbs/00_tasks.ipynb #5c25fb4a
+LEGAL_CUES = {  # phrase (case-insensitive regex) -> the label an unfair clause containing it carries
+    r"governed by the laws? of": "Choice of law",
+    r"binding arbitration": "Arbitration",
+    r"shall not be liable|liable for": "Limitation of liability",
+    r"terminate your account|suspend or terminate": "Unilateral termination",
+    r"\bremove\b.*\bcontent": "Content removal",
+    r"exclusive jurisdiction|courts of": "Jurisdiction",
+    r"\bby using\b": "Contract by using",
+    r"\b(change|modify|amend|revise|update)\w* (these|this|the) (terms|agreement)": "Unilateral change",
+}
+
+def cue_shares(examples:list, # the examples to check, e.g. `load_task('legal').examples`
+               cues:dict=LEGAL_CUES, # regex (case-insensitive) -> the label an example matching it should carry
+               skip:tuple=("Other",), # labels left out: fair clauses mention the same topics
+              ) -> list:
+    "Per cue: examples (outside `skip`) that match it, how many carry the expected label, its share and the commonest label."
+    kept = [e for e in examples if e.target not in skip]
+    out = []
+    for cue, label in cues.items():
+        hits = Counter(e.target for e in kept if re.search(cue, e.input, re.I))
+        n = sum(hits.values())
+        out.append({"cue": cue, "expected": label, "matches": n, "with_expected": hits[label],
+                    "share": hits[label]/n if n else 0.0, "commonest": hits.most_common(1)[0][0] if n else ""})
+    return out
 
 # %% ../nbs/00_tasks.ipynb #0f71fc6d
 def render_messages(task:Task, # gives the instruction
@@ -333,6 +443,21 @@ def render_pair(task:Task, ex:Example, tokenizer) -> dict:
     return {"prompt": prompt, "completion": full[len(prompt):]}
 
 # %% ../nbs/00_tasks.ipynb #79d77c62
+def _check_sizes(name:str, n:int, val_size, test_size, n_train:int|None) -> None:
+    "Fail (or warn) before splitting when `exs` cannot fill the splits asked for."
+    s = _split_sizes(n, val_size, test_size)
+    train = n_train or 1
+    if s["val"] + s["test"] + train > n:
+        asked = f"val {s['val']} + test {s['test']} + train {train if n_train else '>= 1'}"
+        raise ValueError(f"Task {name!r}: {n} examples cannot fill {asked} (needs {s['val'] + s['test'] + train}); "
+                         "add examples or lower val_size/test_size" + (" or n_train" if n_train else ""))
+    if test_size and not s["test"]:
+        raise ValueError(f"Task {name!r}: test_size={test_size!r} of {n} examples leaves the test split empty; "
+                         "pass a count (test_size=1 or more)")
+    if val_size and not s["val"]:
+        warnings.warn(f"Task {name!r}: val_size={val_size!r} of {n} examples leaves the validation split empty; "
+                      "training will report no validation loss")
+
 def make_task(name:str, # a short name
               source, # file path, DataFrame, datasets.Dataset or list of dicts
               kind:str, # 'classification', 'summarization' or 'qa'
@@ -344,22 +469,30 @@ def make_task(name:str, # a short name
               seed:int=0, # split seed
               n_train:int|None=None, # cap train for a limited-data run
               id_field:str|None=None, # column with stable ids
+              min_per_label:int|None=None, # with n_train: keep at least this many of each label (classification)
              ) -> Task:
     "A split `Task` from your own labelled data."
     exs = load_examples(source, input_field, target_field, id_field=id_field, labels=labels)
     task = Task(name, kind, instruction, exs, labels=labels, input_field=input_field, target_field=target_field)
-    return task.with_splits(seed=seed, val_size=val_size, test_size=test_size, n_train=n_train)
+    _check_sizes(name, len(exs), val_size, test_size, n_train)
+    task = task.with_splits(seed=seed, val_size=val_size, test_size=test_size, n_train=n_train, min_per_label=min_per_label)
+    if kind == "classification":
+        missing = [l for l in task.labels if l not in task.label_counts("train")]
+        if missing: warnings.warn(f"Task {name!r}: no training example of label(s) {missing}: val/test only; add examples of them")
+    return task
 
 # %% ../nbs/00_tasks.ipynb #684e4ab5
 def task_card(task:Task, # the task to describe
               width:int=300, # characters of the example input to show
              ) -> str:
-    "A plain-text summary of `task`: source, kind, metric, split sizes, labels, lengths and one example."
+    "A plain-text summary of `task`: source, kind, metric, split sizes, labels per split, lengths and one example."
     lines = [f"Task {task.name!r}: {task.kind}, metric {task.metric}", f"  source: {task.source or 'user data'}",
              "  splits: " + ", ".join(f"{k} {v}" for k, v in task.counts().items())]
-    if task.labels and "train" in task.splits:
-        counts = task.label_counts("train")
-        lines.append("  train labels: " + ", ".join(f"{l} {counts.get(l, 0)}" for l in task.labels))
+    names = [s for s in ("train", "val", "test") if s in task.splits]
+    if task.labels and names:
+        per = {s: Counter(task.examples[i].target for i in task.splits[s]) for s in names}
+        counts = lambda l: "/".join(str(per[s][l]) for s in names)
+        lines.append(f"  labels ({'/'.join(names)}): " + ", ".join(f"{l} {counts(l)}" for l in task.labels))
     words = lambda xs: sum(len(x.split()) for x in xs)/max(1, len(xs))
     lines.append(f"  mean words: input {words([e.input for e in task.examples]):.0f}, target {words([e.target for e in task.examples]):.1f}")
     lines.append(f"  instruction: {task.instruction}")
