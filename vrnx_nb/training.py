@@ -16,7 +16,7 @@ from torch import nn
 __all__ = ['METHODS', 'BALANCE_MODES', 'DEFAULT_LR', 'ADAPTER_CONFIG_NAME', 'ADAPTER_WEIGHTS_NAME', 'ADAPTER_TARGETS',
            'LOG_FIELDS', 'RUN_FILE', 'TrainConfig', 'BottleneckConfig', 'BottleneckLayer', 'BottleneckModel',
            'tokenize_example', 'tokenize_split', 'PackedCollator', 'PaddedCollator', 'per_example_loss',
-           'label_balance_weights', 'balanced_sampler', 'weighted_completion_loss', 'CSVLogCallback',
+           'label_balance_weights', 'balanced_sampler', 'completion_positions', 'completion_loss', 'CSVLogCallback',
            'QuietProgressCallback', 'TrainResult', 'bnb_config', 'build_model', 'VrnxTrainer', 'finetune',
            'load_trained', 'merge_and_save', 'main_train']
 
@@ -289,15 +289,27 @@ def balanced_sampler(weights:list, # per-example sampling weights
     return torch.utils.data.WeightedRandomSampler(weights, len(weights), replacement=True, generator=g)
 
 # %% ../nbs/05_training.ipynb #da5f70af
-def weighted_completion_loss(logits, # (batch, seq, vocab) model outputs
-                             labels, # (batch, seq) next-token targets, -100 where no loss
-                             token_weights, # (batch, seq) weight of each token's loss
-                            ):
-    "Weighted mean next-token cross-entropy over the completion tokens."
-    lab, w = labels[:, 1:], token_weights[:, 1:].to(torch.float32)
-    ce = nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), lab, ignore_index=-100, reduction="none")
-    keep = (lab != -100).float() * w
-    return (ce * keep).sum() / keep.sum().clamp_min(1e-9)
+def completion_positions(labels, # (batch, seq) next-token targets, -100 where no loss
+                        ):
+    "Boolean (batch, seq) mask of the positions whose next token carries a loss (where logits are needed)."
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100
+    return keep
+
+def completion_loss(logits, # (positions, vocab) logits at `completion_positions` only, or (batch, seq, vocab) for all
+                    labels, # (batch, seq) next-token targets, -100 where no loss
+                    token_weights=None, # (batch, seq) weight of each token's loss; None: all 1
+                    num_items:int|None=None, # divide the summed loss by this (tokens over all accumulated batches)
+                   ):
+    "Next-token cross-entropy over the completion tokens: weighted mean, or sum / `num_items`."
+    keep = completion_positions(labels)
+    if logits.dim() == 3: logits = logits[keep]
+    targets = labels[:, 1:][keep[:, :-1]]
+    ce = nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    if token_weights is not None:
+        w = token_weights[:, 1:][keep[:, :-1]].to(torch.float32)
+        return (ce * w).sum() / w.sum().clamp_min(1e-9)
+    return ce.sum() / num_items if num_items else ce.mean()
 
 # %% ../nbs/05_training.ipynb #089c6c4a
 from transformers import TrainerCallback, ProgressCallback
@@ -444,11 +456,19 @@ class _StepClock(TrainerCallback):
             self.trainer.steady_s += time.perf_counter() - self.t0
             self.trainer.steady_tokens += self.trainer.useful_tokens - self.tok0
 
+def _takes_logits_to_keep(model) -> bool:
+    "Whether the causal LM under any peft/adapter wrapper accepts `logits_to_keep`."
+    import inspect
+    if hasattr(model, "get_base_model"): model = model.get_base_model()  # peft
+    elif isinstance(model, BottleneckModel): model = model.base_model
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
 class VrnxTrainer(Trainer):
     "transformers `Trainer` that counts useful tokens, balances labels and checkpoints bottleneck adapters."
     def __init__(self, *args, sample_weights:list|None=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.sample_weights = sample_weights
+        self.sliced_logits = _takes_logits_to_keep(self.model)  # project only completion positions onto the vocabulary
         self.useful_tokens, self.overhead_s, self.steady_tokens, self.steady_s = 0, 0.0, 0, 0.0
         self.add_callback(_StepClock(self))
 
@@ -466,11 +486,13 @@ class VrnxTrainer(Trainer):
             mask = inputs.get("attention_mask")
             self.useful_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
         weights = inputs.pop("token_weights", None)
-        if weights is None: return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if not self.sliced_logits and weights is None: return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs.pop("labels")
-        outputs = model(**inputs)
-        loss = weighted_completion_loss(outputs.logits, labels, weights)
-        self.loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides it over accumulation steps
+        keep = {"logits_to_keep": completion_positions(labels)} if self.sliced_logits else {}
+        outputs = model(**inputs, **keep)
+        per_batch = weights is not None or num_items_in_batch is None or not model.training
+        loss = completion_loss(outputs.logits, labels, weights, None if per_batch else num_items_in_batch)
+        self.loss_is_scaled_for_ga = not per_batch  # a per-batch mean is divided over accumulation steps by the Trainer
         return (loss, outputs) if return_outputs else loss
 
     def evaluate(self, *args, **kwargs):
@@ -648,7 +670,7 @@ def finetune(model:str, # model alias ('smollm2-135m', 'tiny'), local folder or 
         activation_checkpointing=cfg.gradient_checkpointing and cfg.method != "qlora",
         activation_checkpointing_kwargs={"use_reentrant": False}, remove_unused_columns=False, label_names=["labels"], use_cpu=device == "cpu",
         train_sampling_strategy="random" if cfg.packing else "group_by_length", dataloader_num_workers=0, disable_tqdm=False,
-        ddp_find_unused_parameters=False)
+        ddp_find_unused_parameters=False, prediction_loss_only=True)
     cbs = [CSVLogCallback(out/"log.csv")] + list(callbacks or [])
     if has_val and cfg.early_stopping_patience: cbs.append(EarlyStoppingCallback(cfg.early_stopping_patience))
     trainer = VrnxTrainer(model=mdl, args=args, train_dataset=train_rows, eval_dataset=val_rows, processing_class=tok,
