@@ -7,6 +7,8 @@ Docs: https://vrnx.github.io/vrnx_nb/cli.html.md"""
 # %% ../nbs/09_cli.ipynb #f18695de
 from __future__ import annotations
 import argparse, difflib, importlib, sys, time
+from .models import quiet_libraries
+quiet_libraries()
 
 # %% auto #0
 __all__ = ['STAGES', 'main', 'main_tasks', 'zero_shot_preview', 'main_demo']
@@ -61,35 +63,52 @@ def _demo_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="legal", help="legal, medical or finance")
     p.add_argument("--model", default="smollm2-135m", help="alias, local folder or hub id")
     p.add_argument("--n-train", type=int, default=100, help="training examples to keep (a limited-data run)")
+    p.add_argument("--min-per-label", type=int, default=4, help="classification: keep at least this many examples per label")
     p.add_argument("--gpu-gb", type=float, default=None, help="GPU memory budget; default: plan for this machine")
     p.add_argument("--augment", type=int, default=0, help="synthetic examples to request from the local teacher (0: skip; slow on a CPU)")
     p.add_argument("--method", default=None, help="override the recommended method (full, lora, qlora, adapter)")
-    p.add_argument("--max-steps", type=int, default=30, help="cap on optimizer steps (a short CPU run)")
-    p.add_argument("--eval-limit", type=int, default=100, help="test examples to score")
-    p.add_argument("--preview", type=int, default=3, help="zero-shot predictions to print")
+    p.add_argument("--max-steps", type=int, default=30, help="optimizer steps (a short CPU run)")
+    p.add_argument("--eval-limit", type=int, default=None, help="test examples to score (default: the whole test split)")
+    p.add_argument("--preview", type=int, default=2, help="zero-shot generations to print")
     p.add_argument("--out", default=None, help="folder for the run, predictions and results (default: under the cache)")
     return p
 
+def _headline(scores) -> str:
+    "Macro-F1 first for classification (it does not reward the majority label), then the task metric, with CIs."
+    keys = (["macro_f1"] if "macro_f1" in scores.metrics else []) + [scores.metric]
+    return ", ".join(f"{k} {scores.metrics[k]:.3f} [{scores.ci[k][0]:.3f}, {scores.ci[k][1]:.3f}]" for k in dict.fromkeys(keys))
+
+def _gain(before, after, key:str) -> str:
+    "Whether `after` beats `before` on `key` beyond both 95% intervals."
+    lo, hi = after.ci[key][0], before.ci[key][1]
+    verdict = "beyond both 95% intervals" if lo > hi else "within the intervals: not a measured gain"
+    return f"{key} {before.metrics[key]:.3f} -> {after.metrics[key]:.3f} ({verdict})"
+
 def main_demo(argv:list|None=None) -> int:
-    "The main job on the embedded defaults: recommend, augment, evaluate zero-shot, fine-tune, evaluate, report."
+    "The main job on the embedded defaults: recommend, augment, evaluate zero-shot, fine-tune, calibrate, evaluate, report."
     from pathlib import Path
+    import pandas as pd
     from vrnx_nb.models import load_model, cache_dir
     from vrnx_nb.tasks import load_task, task_card
     from vrnx_nb.recommend import recommend
     from vrnx_nb.training import finetune
-    from vrnx_nb.evaluation import evaluate, results_table
+    from vrnx_nb.calibration import calibrate
+    from vrnx_nb.evaluation import evaluate
     args = _demo_parser().parse_args(argv)
     out = Path(args.out or cache_dir()/"demo"/f"{args.task}-n{args.n_train}")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     model, tokenizer = load_model(args.model)
     print(f"[1/6] Loaded {args.model} in {time.time()-t0:.1f}s ({sum(p.numel() for p in model.parameters())/1e6:.1f}M parameters, {model.device})\n")
-    task = load_task(args.task, n_train=args.n_train)
+    classify = load_task(args.task).kind == "classification"
+    task = load_task(args.task, n_train=args.n_train, min_per_label=args.min_per_label if classify else None)
     print(task_card(task), end="\n\n")
-    print(f"Zero-shot generations on {args.preview} test examples:")
-    for row in zero_shot_preview(model, tokenizer, task, n=args.preview):
-        print(f"  [{row['id']}] target {row['target'][:60]!r} <- generated {row['prediction'][:70]!r}")
-    strategy = recommend(n_examples=len(task.train), gpu_memory_gb=args.gpu_gb, model=args.model)
+    if args.preview:
+        print(f"Zero-shot generations on {args.preview} test examples:")
+        for row in zero_shot_preview(model, tokenizer, task, n=args.preview):
+            print(f"  [{row['id']}] target {row['target'][:60]!r} <- generated {row['prediction'][:70]!r}")
+    counts = task.label_counts() if classify else None
+    strategy = recommend(n_examples=len(task.train), gpu_memory_gb=args.gpu_gb, model=args.model, label_counts=counts)
     print(f"\n[2/6] Recommended strategy for {len(task.train)} examples:\n{strategy!r}\n")
     if args.augment > 0:
         from vrnx_nb.augmentation import local_teacher
@@ -100,21 +119,29 @@ def main_demo(argv:list|None=None) -> int:
             kept = pipeline.filter(synthetic)
         print(f"Generated: {len(synthetic)}, Retained: {len(kept)}\n{pipeline.report()!r}\n")
         if kept: task = task.with_train(task.train + kept)
-    else: print("[3/6] Augmentation skipped: on a CPU the 135M local teacher is slow and kept 0 of its replies in our runs "
+    else: print("[3/6] Augmentation skipped: the embedded 135M teacher is slow on a CPU and keeps few of its replies "
                 "(bench/results/augment_throughput.csv); `--augment 8` runs it, or point `vrnx augment --base-url` at a bigger teacher\n")
-    print(f"[4/6] Zero-shot score on {args.eval_limit} test examples:")
-    zero = evaluate((model, tokenizer), task, limit=args.eval_limit, method="zero-shot", save_dir=out)
+    print(f"[4/6] Zero-shot score on {args.eval_limit or len(task.test)} test examples:")
+    zero = evaluate((model, tokenizer), task, limit=args.eval_limit, method="zero-shot", save_dir=out, calibration=None)
     print("  " + zero.summary() + "\n")
     del model
-    kwargs = {**strategy.finetune_kwargs(), "max_steps": args.max_steps, "max_val_examples": 64}
+    kwargs = {**strategy.finetune_kwargs(), "max_steps": args.max_steps, "eval_steps": args.max_steps, "max_val_examples": 32}
     if args.method: kwargs["method"] = args.method
     print(f"[5/6] Fine-tuning: {kwargs}")
     result = finetune(args.model, task, output_dir=str(out/f"run-{kwargs['method']}"), overwrite=True, resume=False, **kwargs)
-    print(f"  {result!r}\n")
+    print(f"  {result!r}")
+    if classify:
+        rule = calibrate(result, task)
+        form = "per-token log-likelihood" if rule.normalize else "total log-likelihood"
+        print(f"  Calibrated on {rule.n} validation examples ({form} + per-label offsets): "
+              f"validation macro-F1 {rule.argmax_macro_f1:.3f} -> {rule.fitted_macro_f1:.3f}")
     tuned = evaluate(result, task, limit=args.eval_limit, save_dir=out)
-    print(f"[6/6] Fine-tuned score:\n  {tuned.summary()}\n")
-    table = results_table([zero, tuned])
+    print(f"\n[6/6] Fine-tuned score:\n  {tuned.summary()}\n")
+    rows = {s.method: {"score [95% CI]": _headline(s), "n": s.n} for s in (zero, tuned)}
+    table = pd.DataFrame.from_dict(rows, orient="index").rename_axis("method")
     table.to_csv(out/"results.csv")
     print(table.to_string())
-    print(f"\nPredictions, run and results in {out} ({time.time()-t0:.0f}s in all)")
+    key = "macro_f1" if "macro_f1" in tuned.metrics else tuned.metric
+    print(f"\n{_gain(zero, tuned, key)}")
+    print(f"Predictions, run and results in {out} ({time.time()-t0:.0f}s in all)")
     return 0

@@ -11,9 +11,20 @@ from pathlib import Path
 import torch
 
 # %% auto #0
-__all__ = ['DEFAULT_MODEL', 'GGUF_PACKAGE', 'GGUF_FILE', 'TINY_VOCAB', 'TINY_SEED', 'SMOLLM2_CHAT_TEMPLATE', 'MODEL_ALIASES',
-           'cache_dir', 'get_device', 'default_dtype', 'gguf_path', 'default_model_path', 'tiny_model_path',
-           'resolve_model_path', 'load_tokenizer', 'load_model', 'tiny_model']
+__all__ = ['NOISY_LOGGERS', 'DEFAULT_MODEL', 'GGUF_PACKAGE', 'GGUF_FILE', 'TINY_VOCAB', 'TINY_SEED', 'SMOLLM2_CHAT_TEMPLATE',
+           'MODEL_ALIASES', 'quiet_libraries', 'cache_dir', 'get_device', 'default_dtype', 'gguf_path',
+           'default_model_path', 'tiny_model_path', 'resolve_model_path', 'load_tokenizer', 'load_model', 'tiny_model']
+
+# %% ../nbs/01_models.ipynb #9ce2414a
+NOISY_LOGGERS = ("bitsandbytes.backends.cpu.ops",) # loggers whose warnings are notices, not problems, here
+
+def quiet_libraries():
+    "Silence the harmless library notices: bitsandbytes' missing `kernels`, transformers' v6 renames."
+    import logging
+    for name in NOISY_LOGGERS: logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6.*", category=FutureWarning)
+
+quiet_libraries()
 
 # %% ../nbs/01_models.ipynb #ae7a5824
 DEFAULT_MODEL = "smollm2-135m"
@@ -154,6 +165,17 @@ def resolve_model_path(name:str|os.PathLike=DEFAULT_MODEL) -> str:
     raise ValueError(f"Unknown model {key!r}: expected one of {sorted(MODEL_ALIASES)}, a local folder, or a hub id 'org/name'.{hint}")
 
 # %% ../nbs/01_models.ipynb #3ceaea1d
+import contextlib
+@contextlib.contextmanager
+def _no_progress_bars():
+    "Hide transformers' per-load 'Loading weights' bars (seconds long, printed on every load)."
+    from transformers.utils import logging as hf_logging
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try: yield
+    finally:
+        if was: hf_logging.enable_progress_bar()
+
 def _offline() -> bool: return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 def load_tokenizer(name:str|os.PathLike=DEFAULT_MODEL, # alias, local folder or hub id
@@ -187,8 +209,9 @@ def load_model(name:str|os.PathLike=DEFAULT_MODEL, # alias ('smollm2-135m', 'tin
     try:
         # passed only when given: `quantization_config=None` would make transformers ignore the folder's own (compressed-tensors)
         if quantization_config is not None: kwargs["quantization_config"] = quantization_config
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     local_files_only=_offline(), **kwargs)
+        with _no_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                         local_files_only=_offline(), **kwargs)
     except OSError as e: raise _hub_error(name, e) from e
     if "device_map" not in kwargs and not getattr(model, "is_quantized", False): model = model.to(device)
     if model.generation_config.pad_token_id is None: model.generation_config.pad_token_id = tokenizer.pad_token_id

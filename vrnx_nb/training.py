@@ -11,14 +11,16 @@ from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import torch
 from torch import nn
+from .models import quiet_libraries
+quiet_libraries()  # before transformers and peft are imported
 
 # %% auto #0
 __all__ = ['METHODS', 'BALANCE_MODES', 'DEFAULT_LR', 'ADAPTER_CONFIG_NAME', 'ADAPTER_WEIGHTS_NAME', 'ADAPTER_TARGETS',
-           'LOG_FIELDS', 'RUN_FILE', 'TrainConfig', 'BottleneckConfig', 'BottleneckLayer', 'BottleneckModel',
-           'tokenize_example', 'tokenize_split', 'PackedCollator', 'PaddedCollator', 'per_example_loss',
-           'label_balance_weights', 'balanced_sampler', 'completion_positions', 'completion_loss', 'CSVLogCallback',
-           'QuietProgressCallback', 'TrainResult', 'bnb_config', 'build_model', 'VrnxTrainer', 'finetune',
-           'load_trained', 'merge_and_save', 'main_train']
+           'LOG_FIELDS', 'RUN_FILE', 'RUN_TASK_FILE', 'TrainConfig', 'BottleneckConfig', 'BottleneckLayer',
+           'BottleneckModel', 'tokenize_example', 'tokenize_split', 'PackedCollator', 'PaddedCollator',
+           'per_example_loss', 'label_balance_weights', 'balanced_sampler', 'completion_positions', 'completion_loss',
+           'CSVLogCallback', 'QuietProgressCallback', 'TrainResult', 'bnb_config', 'build_model', 'VrnxTrainer',
+           'save_run_task', 'load_run_task', 'finetune', 'load_trained', 'merge_and_save', 'main_train']
 
 # %% ../nbs/05_training.ipynb #fc51ac43
 METHODS = ("full", "lora", "qlora", "adapter")
@@ -521,7 +523,30 @@ class VrnxTrainer(Trainer):
         else: super()._load_best_model()
 
 # %% ../nbs/05_training.ipynb #5e2811de
-RUN_FILE = "vrnx_run.json"
+RUN_FILE, RUN_TASK_FILE = "vrnx_run.json", "task.json"
+
+def save_run_task(task, # the `Task` a run trains on
+                  folder, # the run folder
+                 ) -> Path:
+    "Keep what later stages need of the task with the run: kind, instruction, labels and its train and val examples."
+    keep = {k: getattr(task, k) for k in ("name", "kind", "instruction", "labels", "metric", "input_field", "target_field", "source")}
+    keep["splits"] = {s: [[e.input, e.target, e.id] for e in task.split(s)] for s in ("train", "val") if task.splits.get(s)}
+    path = Path(folder)/RUN_TASK_FILE
+    path.write_text(json.dumps(keep, ensure_ascii=False))
+    return path
+
+def load_run_task(folder, # a run folder
+                 ):
+    "The task a run was trained on (train and val splits), as `save_run_task` kept it; None for older runs."
+    from vrnx_nb.tasks import Task, Example
+    path = Path(folder).expanduser()/RUN_TASK_FILE
+    if not path.exists(): return None
+    d = json.loads(path.read_text())
+    exs, splits = [], {}
+    for name, rows in d.pop("splits").items():
+        splits[name] = list(range(len(exs), len(exs) + len(rows)))
+        exs += [Example(i, t, id=str(k)) for i, t, k in rows]
+    return Task(examples=exs, splits=splits, **d)
 
 def _last_checkpoint(out:Path) -> str|None:
     "Newest checkpoint folder with a complete trainer state (a killed save leaves an incomplete one)."
@@ -642,7 +667,7 @@ def finetune(model:str, # model alias ('smollm2-135m', 'tiny'), local folder or 
         print(f"{out} holds this finished run; returning its result (pass overwrite=True or resume=False to train again)")
         return done
     out.mkdir(parents=True, exist_ok=True)
-    if is_main: (out/RUN_FILE).write_text(json.dumps(run, indent=1, default=str))
+    if is_main: (out/RUN_FILE).write_text(json.dumps(run, indent=1, default=str)); save_run_task(task, out)
 
     device = device or get_device()
     set_seed(cfg.seed)
