@@ -9,12 +9,13 @@ from __future__ import annotations
 import html, io, os, tempfile, threading, time, traceback, uuid
 from dataclasses import dataclass, field, asdict, is_dataclass
 from pathlib import Path
+from fastcore.basics import patch
 from typing import Any, Callable
 
 # %% auto #0
-__all__ = ['GPU_PRESETS', 'EXAMPLE_STEPS', 'TEACHERS', 'require_widgets', 'fig_png', 'StrategyState', 'StrategyWizard',
-           'BackgroundRun', 'AugmentState', 'AugmentWizard', 'live_callback', 'TrainState', 'TrainWizard',
-           'ResultsState', 'ResultsDashboard']
+__all__ = ['GPU_PRESETS', 'EXAMPLE_STEPS', 'TEACHERS', 'WARN_COLOR', 'require_widgets', 'fig_png', 'StrategyState',
+           'StrategyWizard', 'BackgroundRun', 'AugmentState', 'AugmentWizard', 'live_callback', 'TrainState',
+           'TrainWizard', 'ResultsState', 'ResultsDashboard']
 
 # %% ../nbs/08_widgets.ipynb #14ae795a
 def require_widgets():
@@ -50,7 +51,8 @@ EXAMPLE_STEPS = (10, 25, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 50000)
 def _recommend(state):
     "The one call into `vrnx_nb.recommend` (kept apart so that a change of its signature is one line here)."
     from vrnx_nb.recommend import recommend
-    return recommend(state.n_examples, state.gpu_gb or None, state.model)  # None: the CPU with the RAM available
+    return recommend(state.n_examples, state.gpu_gb or None, state.model,  # None: the CPU with the RAM available
+                     label_counts=state.label_counts())  # a skewed classification task: balance labels
 
 _ASSUMED = ("r", "batch_size", "seq_len", "gradient_checkpointing", "optimizer", "dtype", "device", "double_quant")
 
@@ -66,6 +68,12 @@ def _memory_frame(state):
             if part != "total": rows.append({"method": m, "part": part, "gb": gb})
     return pd.DataFrame(rows, columns=["method", "part", "gb"])
 
+def _as_task(task):
+    "A `Task` for a Task or a bundled task name (None stays None)."
+    if task is None or hasattr(task, "kind"): return task
+    from vrnx_nb.tasks import load_task
+    return load_task(task)
+
 def _model_choices() -> list:
     "Model names offered in the model box: the aliases, then the configs the memory estimate ships with."
     from vrnx_nb.memory import available_models
@@ -74,15 +82,22 @@ def _model_choices() -> list:
 # %% ../nbs/08_widgets.ipynb #7e791d8e
 @dataclass
 class StrategyState:
-    "Inputs of `recommend` (examples, GPU, model) and its answer, with the memory of every method."
+    "Inputs of `recommend` (examples, GPU, model, the task's labels) and its answer, with the memory of every method."
     n_examples: int = 100 # labelled examples you have
     gpu: str = "Colab T4 (16 GB)" # a key of `GPU_PRESETS`
     custom_gb: float = 12.0 # memory of the 'Custom' GPU in GB
     model: str = "smollm2-135m" # model alias, folder or hub id
+    task: Any = None # a `Task` or bundled task name: a classification task's train label counts go to `recommend`
 
     def __post_init__(self):
         self.strategy, self.memory = None, None
+        self.task = _as_task(self.task)
         self.update()
+
+    def label_counts(self) -> dict|None:
+        "Train examples per label of a classification `task` (what `recommend` balances on); None otherwise."
+        t = self.task = _as_task(self.task)
+        return dict(t.label_counts("train")) if t is not None and t.kind == "classification" else None
 
     @property
     def gpu_gb(self) -> float:
@@ -140,9 +155,9 @@ class StrategyState:
     def summary_html(self) -> str:
         "The Strategy as HTML: the plan, its settings, its memory and time, and the reasons."
         s = self.strategy
-        def fmt(v): return f"{v:.3g}" if isinstance(v, float) else str(v)
+        def fmt(v): return f"{v:.3g}" if isinstance(v, float) else "off" if v is None else str(v)
         shown = ("method", "r", "lora_alpha", "epochs", "learning_rate", "batch_size", "grad_accum", "gradient_checkpointing",
-                 "seq_len", "augment", "augment_target_count")
+                 "seq_len", "augment", "augment_target_count", "balance")
         cells = [f"<td>{_esc(k)}</td><td><b>{_esc(fmt(getattr(s, k)))}</b></td>" for k in shown if hasattr(s, k)]
         rows = "".join("<tr>" + "".join(cells[i:i+2]) + "</tr>" for i in range(0, len(cells), 2))
         est, hours = getattr(s, "est_memory", None), getattr(s, "est_time_hours", None)
@@ -151,20 +166,22 @@ class StrategyState:
         time_ = f", about {hours:.2g} h of training" if hours is not None else ""
         head = ("" if getattr(s, "feasible", True) else '<div style="color:#b00"><b>not feasible</b> on this budget</div>')
         reasons = "".join(f"<li>{_esc(r)}</li>" for r in (getattr(s, "reasons", None) or []))
+        task = f", task <code>{_esc(self.task.name)}</code>" if self.task is not None else ""
         return (f'<div style="line-height:1.35; font-size:12px"><div>{self.n_examples} examples, {_esc(self.gpu)}, model '
-                f"<code>{_esc(self.model)}</code></div>{head}<table>{rows}</table><div>{mem}{time_}</div>"
+                f"<code>{_esc(self.model)}</code>{task}</div>{head}<table>{rows}</table><div>{mem}{time_}</div>"
                 f'<div><b>Reasons</b></div><ol style="margin:0; padding-left:18px">{reasons}</ol></div>')
 
 # %% ../nbs/08_widgets.ipynb #d34815da
 class StrategyWizard(_View):
-    "Examples slider, GPU preset (or custom size), model: shows the Strategy, its reasons and the memory of each method."
+    "Examples, GPU preset (or custom size), model, task: shows the Strategy, its reasons and each method's memory."
     _prefix = "strategy"
     def __init__(self, n_examples:int=100, # labelled examples you have
                  gpu:str="Colab T4 (16 GB)", # a key of `GPU_PRESETS`
                  model:str="smollm2-135m", # model alias, folder or hub id
-                 custom_gb:float=12.0): # memory of the 'Custom' GPU
+                 custom_gb:float=12.0, # memory of the 'Custom' GPU
+                 task=None): # a `Task` or bundled task name: its train label counts decide label balancing
         W = require_widgets()
-        self.state = StrategyState(n_examples, gpu, custom_gb, model)
+        self.state = StrategyState(n_examples, gpu, custom_gb, model, task)
         self.examples = self._css(W.SelectionSlider(options=sorted({*EXAMPLE_STEPS, int(n_examples)}), value=int(n_examples),
                                                     description="examples"), "examples")
         self.gpu = self._css(W.Dropdown(options=list(GPU_PRESETS), value=gpu, description="GPU"), "gpu")
@@ -452,7 +469,7 @@ def live_callback(state):
 
 @dataclass
 class TrainState:
-    "Inputs of a `finetune` call, its live progress and losses, and its `TrainResult`."
+    "Inputs of a `finetune` call (and of a calibration after it), its live progress and losses, and its `TrainResult`."
     model: str = "smollm2-135m" # model alias, folder or hub id
     task: Any = "legal" # a `Task` or a bundled task name
     method: str = "lora" # 'full', 'lora', 'qlora' or 'adapter'
@@ -463,11 +480,22 @@ class TrainState:
     evaluate_after: bool = False # score the result on the task's test split when training ends
     eval_limit: int|None = 50 # examples scored by that evaluation
     finetune_kwargs: dict = field(default_factory=dict) # more `finetune` arguments (learning_rate, batch_size, max_steps, ...)
+    balance: str|None = None # finetune's label balancing: None, 'oversample' or 'weight' (classification)
+    calibrate_after: bool = False # fit per-label decision offsets on the val split when training ends (classification)
+    calibrate_limit: int|None = None # val examples that calibration scores; None: all
 
     def __post_init__(self):
+        fk = dict(self.finetune_kwargs)
+        if "balance" in fk:  # the field and the dict must not disagree: finetune gets one value
+            b = fk.pop("balance")
+            if self.balance is not None and b != self.balance:
+                raise ValueError(f"balance given twice: {self.balance!r} and finetune_kwargs['balance']={b!r}")
+            self.balance = b
+        self.finetune_kwargs = fk
+        self.calibration = None # the `Calibration` fitted after the last run (calibrate_after)
         self.runner = BackgroundRun("vrnx-train")
         self.history, self.step, self.max_steps, self.result, self.scores, self.on_update = [], 0, 0, None, None, None
-        self.phase = "" # 'loading', 'training', 'saving', 'evaluating' while a run is on
+        self.phase = "" # 'loading', 'training', 'saving', 'calibrating', 'evaluating' while a run is on
         self.exporter, self.exported = BackgroundRun("vrnx-export"), None # the export step: its thread and `ExportResult`
 
     @property
@@ -484,11 +512,20 @@ class TrainState:
 
     def check(self):
         "Raise ValueError naming the first input that is wrong."
-        from vrnx_nb.training import METHODS
+        from vrnx_nb.training import METHODS, BALANCE_MODES
         if self.method not in METHODS: raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1: raise ValueError(f"r must be a positive integer, got {self.r!r}")
         if not isinstance(self.epochs, (int, float)) or not self.epochs > 0: raise ValueError(f"epochs must be a positive number, got {self.epochs!r}")
         if not str(self.model).strip(): raise ValueError("model is empty: give an alias ('smollm2-135m', 'tiny'), a folder or a hub id")
+        if self.balance is not None and self.balance not in BALANCE_MODES:
+            raise ValueError(f"balance must be None or one of {BALANCE_MODES}, got {self.balance!r}")
+        for on, what in ((self.balance, f"balance={self.balance!r}"), (self.calibrate_after, "calibrate_after")):
+            task = _as_task(self.task) if on else None
+            if task is not None and task.kind != "classification":
+                raise ValueError(f"{what} needs a classification task; {task.name!r} is {task.kind}")
+        lim = self.calibrate_limit
+        if lim is not None and (isinstance(lim, bool) or not isinstance(lim, int) or lim < 1):
+            raise ValueError(f"calibrate_limit must be a positive integer or None, got {self.calibrate_limit!r}")
 
     def _changed(self):
         if self.on_update is not None: self.on_update(self)
@@ -498,11 +535,16 @@ class TrainState:
         from vrnx_nb.training import finetune
         self.check()
         self.history, self.step, self.max_steps, self.result, self.scores, self.phase = [], 0, 0, None, None, "loading"
+        self.calibration = None
         self.result = finetune(self.model, self.task, method=self.method, r=self.r, epochs=self.epochs, output_dir=self.run_dir(),
-                               callbacks=[live_callback(self)], **self.finetune_kwargs)
+                               balance=self.balance, callbacks=[live_callback(self)], **self.finetune_kwargs)
         if not self.history: self.history = [dict(h) for h in self.result.history]  # a finished run returned from its folder
         self.step = self.result.global_step
         self._changed()
+        if self.calibrate_after:  # before evaluating: the rule is saved in the run folder as calibration.json
+            from vrnx_nb.calibration import calibrate
+            self.phase = "calibrating"; self._changed()
+            self.calibration = calibrate(self.result, _as_task(self.task), limit=self.calibrate_limit)
         if self.evaluate_after:
             from vrnx_nb.evaluation import evaluate
             self.phase = "evaluating"; self._changed()
@@ -561,7 +603,7 @@ class TrainState:
 
 # %% ../nbs/08_widgets.ipynb #d85646f0
 class TrainWizard(_View):
-    "Form over `TrainState`: model, task, method, rank, epochs (from a Strategy); background run, progress, live loss plot, stop."
+    "Form over `TrainState`: model, task, method, rank, epochs, balance (from a Strategy), calibration; run, live loss plot."
     _prefix = "train"
     def __init__(self, strategy=None, # a `Strategy`, a `StrategyState` or a `StrategyWizard` to pre-fill from
                  model:str|None=None, # model alias, folder or hub id
@@ -580,7 +622,7 @@ class TrainWizard(_View):
         given = f"{getattr(s.task, 'name', '')} + kept synthetic" if self._task_source is not None else f"{getattr(s.task, 'name', '')} (given)"
         task_opts = [(given, "__given__")] + [(t, t) for t in tasks] if not isinstance(s.task, str) else tasks
         self._given_task = s.task if not isinstance(s.task, str) else None
-        from vrnx_nb.training import METHODS
+        from vrnx_nb.training import METHODS, BALANCE_MODES
         self.model = self._css(W.Combobox(value=str(s.model), options=["smollm2-135m", "tiny"], ensure_option=False, description="model"), "model")
         self.task = self._css(W.Dropdown(options=task_opts, value="__given__" if self._given_task is not None else s.task, description="task"), "task")
         self.method = self._css(W.Dropdown(options=list(METHODS), value=s.method, description="method"), "method")
@@ -588,6 +630,11 @@ class TrainWizard(_View):
         self.r = self._css(W.SelectionSlider(options=ranks, value=int(s.r), description="rank r"), "rank")
         self.epochs = self._css(W.BoundedFloatText(value=float(s.epochs), min=0.01, max=100, step=0.5, description="epochs"), "epochs")
         self.evaluate_after = self._css(W.Checkbox(value=s.evaluate_after, description="evaluate when done", indent=False), "evaluate")
+        self.balance = self._css(W.Dropdown(options=["none", *BALANCE_MODES], value=s.balance or "none", description="balance"),
+                                 "balance")
+        self.calibrate_after = self._css(W.Checkbox(value=s.calibrate_after, description="calibrate on validation", indent=False),
+                                         "calibrate")
+        self.task.observe(lambda ch: self._show_label_options(), "value")
         self.run_button = self._css(W.Button(description="train", button_style="primary", icon="play"), "run")
         self.stop_button = self._css(W.Button(description="stop", button_style="warning", icon="stop", disabled=True), "stop")
         self.fill_button = W.Button(description="from strategy", icon="magic", disabled=strategy is None)
@@ -606,10 +653,21 @@ class TrainWizard(_View):
         self.state.on_update = lambda st: self.refresh(throttle=True)
         self._drawn = 0.0
         self.box = self._css(W.VBox([W.HTML("<b>Fine-tune</b>"), W.HBox([self.model, self.task]), W.HBox([self.method, self.r]),
-                                     W.HBox([self.epochs, self.evaluate_after]), W.HBox([self.run_button, self.stop_button, self.fill_button]),
+                                     W.HBox([self.epochs, self.evaluate_after]), W.HBox([self.balance, self.calibrate_after]),
+                                     W.HBox([self.run_button, self.stop_button, self.fill_button]),
                                      W.HBox([self.progress, self.status]), self.chart, self.saved,
                                      W.HBox([self.export_format, self.export_button, self.export_status])]), "box")
+        self._show_label_options()
         self.refresh()
+
+    def classification(self) -> bool:
+        "Whether the picked task is a classification task (balance and calibration apply only then)."
+        task = self._given_task if self.task.value == "__given__" else _as_task(self.task.value)  # kept examples: same kind
+        return getattr(task, "kind", None) == "classification"
+
+    def _show_label_options(self):
+        show = None if self.classification() else "none"
+        self.balance.layout.display = self.calibrate_after.layout.display = show
 
     def fill_from_strategy(self):
         "Set the form to what the strategy source recommends now."
@@ -620,6 +678,7 @@ class TrainWizard(_View):
             self.status.value = f'<span style="color:#b00">{_esc(e)}</span>'; return
         if fresh.r not in self.r.options: self.r.options = sorted({*self.r.options, int(fresh.r)})
         self.method.value, self.r.value, self.epochs.value = fresh.method, int(fresh.r), float(fresh.epochs)
+        self.balance.value = fresh.balance or "none"
         self.state.finetune_kwargs = {**fresh.finetune_kwargs, **{k: v for k, v in self.state.finetune_kwargs.items() if k not in fresh.finetune_kwargs}}
 
     def _sync(self):
@@ -628,6 +687,9 @@ class TrainWizard(_View):
         if self.task.value != "__given__": s.task = self.task.value
         else: s.task = self._task_source.augmented_task() if self._task_source is not None else self._given_task
         s.evaluate_after = self.evaluate_after.value
+        labelled = self.classification()  # hidden for other kinds: off
+        s.balance = self.balance.value if labelled and self.balance.value != "none" else None
+        s.calibrate_after = labelled and self.calibrate_after.value
 
     def start(self):
         "What the train button does: check the inputs, train in the background."
@@ -660,11 +722,13 @@ class TrainWizard(_View):
         self.progress.max = max(1, s.max_steps or 1); self.progress.value = min(s.step, self.progress.max)
         if r.status == "running":
             self.status.value = {"loading": "loading the model ...", "saving": "saving ...", "": "finishing ...",
+                                 "calibrating": f"calibrating on {s.calibrate_limit or 'all'} validation examples ...",
                                  "evaluating": f"evaluating on {s.eval_limit or 'all'} test examples ..."}.get(
                 s.phase, f"step {s.step}/{s.max_steps or '?'}" + (" (stopping ...)" if r.stop_event.is_set() else ""))
         elif r.status == "error": self.status.value = f'<span style="color:#b00"><b>error</b>: {_esc(r.error)}</span>'
         elif r.status != "idle": self.status.value = f"<b>{r.status}</b> after {s.step} steps" + (
-            f", {s.scores.metric} {s.scores.score:.3f} on {s.scores.n} test examples" if s.scores is not None else "")
+            f", {s.scores.metric} {s.scores.score:.3f} on {s.scores.n} test examples" if s.scores is not None else "") + (
+            _calibration_line(s.calibration) if s.calibration is not None else "")
         if not throttle or time.time() - self._drawn > 1.0 or r.status != "running":
             self.chart.value = fig_png(s.plot()); self._drawn = time.time()
         if s.result is not None:
@@ -676,6 +740,11 @@ class TrainWizard(_View):
             self.export_status.value = f"{_esc(s.exported.format)}, {s.exported.size_mb:.1f} MB: <code>{_esc(s.exported.output_dir)}</code>"
 
     def wait(self, timeout:float|None=None) -> str: return self.state.runner.wait(timeout)
+
+def _calibration_line(cal) -> str:
+    "What a fitted `Calibration` changed, as an HTML line."
+    return (f"<br>calibrated on {cal.n} {_esc(cal.split)} examples: macro-F1 {cal.argmax_macro_f1:.3f} (argmax) "
+            f"&rarr; {cal.fitted_macro_f1:.3f}, saved as <code>calibration.json</code>")
 
 def _strategy_of(src):
     "The `Strategy` behind a Strategy, StrategyState or StrategyWizard (None for None)."
@@ -691,6 +760,14 @@ def _run_key(run) -> tuple:
     if is_dataclass(run): return str(run.method or run.model), str(run.task)
     return str(run.get("method")), str(run.get("task"))
 
+def _part(run, key:str):
+    "Field `key` of a `Scores` or a run dict (None when absent)."
+    return getattr(run, key, None) if is_dataclass(run) else run.get(key)
+
+def _has_per_label(run) -> bool:
+    "Whether a run carries per-label scores and a confusion matrix (classification `Scores`)."
+    return all(_part(run, k) is not None for k in ("labels", "per_label", "confusion"))
+
 def _renamed(run, name:str):
     if is_dataclass(run):
         from dataclasses import replace
@@ -699,11 +776,12 @@ def _renamed(run, name:str):
 
 @dataclass
 class ResultsState:
-    "Runs to compare and which are picked; the results table and chart of the picked ones."
+    "Runs to compare and which are picked; the results table and chart of the picked ones, one run's per-label view."
     runs: list = field(default_factory=list) # `Scores` or dicts with method, task, score (and ci)
 
     def __post_init__(self):
         runs, self.runs = list(self.runs), []
+        self.detail = None # label of the run whose confusion matrix and per-label scores are shown
         for r in runs: self.add(r)
         self.selected = list(self.labels)
 
@@ -723,6 +801,7 @@ class ResultsState:
         self.runs.append(run)
         label = self.labels[-1]
         if select and hasattr(self, "selected"): self.selected = [*self.selected, label]
+        if _has_per_label(run) and (select or self.detail is None): self.detail = label  # the newest classification run
         return label
 
     def picked(self) -> list:
@@ -764,37 +843,114 @@ class ResultsState:
         fig.tight_layout()
         return fig
 
+# %% ../nbs/08_widgets.ipynb #84339c68
+WARN_COLOR = "#d35400"  # orange: the warnings line of the dashboard
+
+@patch
+def per_label_runs(self:ResultsState) -> list:
+    "Labels of the runs with per-label scores (classification), in the order they were added."
+    return [l for r, l in zip(self.runs, self.labels) if _has_per_label(r)]
+
+@patch
+def warnings(self:ResultsState) -> list:
+    "(label, warning) for each warning of the picked runs (`Scores.warnings`, e.g. a collapse to one label)."
+    sel = set(self.selected)
+    return [(l, w) for r, l in zip(self.runs, self.labels) if l in sel for w in (_part(r, "warnings") or [])]
+
+@patch
+def warnings_html(self:ResultsState) -> str:
+    "The picked runs' warnings as bold orange HTML lines; '' when there are none."
+    return "".join(f'<div style="color:{WARN_COLOR}; font-weight:bold">&#9888; {_esc(l)}: {_esc(w)}</div>'
+                   for l, w in self.warnings())
+
+@patch
+def detail_run(self:ResultsState, label:str|None=None): # a run's label; default `self.detail`
+    "The run shown per label; ValueError naming what is missing when there is none."
+    label = label or self.detail
+    if label is None: raise ValueError("no run with per-label scores: add a classification `Scores` from `evaluate`")
+    if label not in self.labels: raise ValueError(f"no run {label!r}; the runs are {self.labels}")
+    run = self.runs[self.labels.index(label)]
+    if not _has_per_label(run):
+        raise ValueError(f"run {label!r} has no per-label scores (only classification runs have them)")
+    return run
+
+@patch
+def per_label_table(self:ResultsState, label:str|None=None): # a run's label; default `self.detail`
+    "`vrnx_nb.evaluation.per_label_table` of a run: precision, recall, F1, support, predicted per label."
+    from vrnx_nb.evaluation import per_label_table
+    return per_label_table(self.detail_run(label))
+
+@patch
+def plot_confusion(self:ResultsState, label:str|None=None, # a run's label; default `self.detail`
+                   normalize:bool=True): # each reference row as shares (recall on the diagonal)
+    "`vrnx_nb.evaluation.plot_confusion` of a run; the Figure, closed in pyplot so that no cell shows it twice."
+    import matplotlib.pyplot as plt
+    from vrnx_nb.evaluation import plot_confusion
+    fig = plot_confusion(self.detail_run(label), normalize=normalize)
+    plt.close(fig)
+    return fig
+
 # %% ../nbs/08_widgets.ipynb #6ca8edbc
+def _per_label_html(df) -> str:
+    "A per-label table as compact HTML (scores to 2 decimals)."
+    return df.to_html(index=False, border=0, justify="left", float_format=lambda v: f"{v:.2f}")
+
 class ResultsDashboard(_View):
-    "Results table and seaborn charts of the runs picked in a list; runs can be added while it is shown."
+    "Table and charts of the picked runs, their warnings, a classification run's confusion matrix and per-label table."
     _prefix = "results"
     def __init__(self, runs:list|None=None): # `Scores` or dicts (see `ResultsState`)
         W = require_widgets()
         self.state = ResultsState(runs or [])
         self.pick = self._css(W.SelectMultiple(options=self.state.labels, value=tuple(self.state.selected), rows=6,
                                                description="runs", layout=W.Layout(width="420px")), "pick")
+        self.warnings = self._css(W.HTML(), "warnings")
         self.table = self._css(W.HTML(), "table")
         self.chart = self._css(W.Image(format="png", layout=W.Layout(width="760px", height="auto", object_fit="contain")), "chart")
+        self.detail = self._css(W.Dropdown(options=self.state.per_label_runs(), value=self.state.detail, description="per label",
+                                           layout=W.Layout(width="420px")), "detail")
+        self.normalize = self._css(W.Checkbox(value=True, description="share of each reference row", indent=False),
+                                   "normalize")
+        self.confusion = self._css(W.Image(format="png", layout=W.Layout(width="560px", height="auto", object_fit="contain")), "confusion")
+        self.per_label = self._css(W.HTML(), "per-label")
+        self.detail_box = W.VBox([W.HBox([self.detail, self.normalize]),
+                                  W.HBox([self.confusion, self.per_label], layout=W.Layout(align_items="flex-start"))])
         self.pick.observe(lambda ch: self._picked(), "value")
-        self._lock = threading.Lock()
+        self.detail.observe(lambda ch: self._detail_picked(), "value")
+        self.normalize.observe(lambda ch: self.refresh_detail(), "value")
+        self._lock, self._muted = threading.Lock(), False
         self.box = self._css(W.VBox([W.HTML("<b>Results</b> (pick runs to compare; ctrl/shift-click for several)"), self.pick,
-                                     self.table, self.chart]), "box")
+                                     self.warnings, self.table, self.chart, self.detail_box]), "box")
         self.refresh()
 
     def _picked(self):
-        self.state.selected = list(self.pick.value); self.refresh()
+        if not self._muted: self.state.selected = list(self.pick.value); self.refresh()
+
+    def _detail_picked(self):
+        if not self._muted and self.detail.value is not None: self.state.detail = self.detail.value; self.refresh_detail()
 
     def add(self, run, name:str|None=None) -> str:
         "Add a run and show it (safe to call from a training thread)."
         with self._lock:
             label = self.state.add(run, name)
-            keep = tuple(self.state.selected)
-            self.pick.options = self.state.labels  # resets the picked value (and fires `_picked`)
-            self.pick.value = keep
+            self._muted = True  # new options reset the picked values: the state keeps its own, one redraw at the end
+            try:
+                self.pick.options, self.pick.value = self.state.labels, tuple(self.state.selected)
+                self.detail.options, self.detail.value = self.state.per_label_runs(), self.state.detail
+            finally: self._muted = False
+            self.refresh()
         return label
 
     def refresh(self):
-        "Redraw the table and the chart for the picked runs."
+        "Redraw the warnings, the table and the chart for the picked runs, and the per-label view."
+        self.warnings.value = self.state.warnings_html()
         try: self.table.value = self.state.table().to_html(border=0, na_rep="", justify="left")
         except ValueError as e: self.table.value = f"<i>{_esc(e)}</i>"
         self.chart.value = fig_png(self.state.plot())
+        self.refresh_detail()
+
+    def refresh_detail(self):
+        "Redraw the confusion matrix and per-label table of the run picked in `detail` (hidden when no run has them)."
+        self.detail_box.layout.display = None if self.state.detail is not None else "none"
+        if self.state.detail is None: return
+        self.confusion.value = fig_png(self.state.plot_confusion(normalize=self.normalize.value))
+        self.per_label.value = _per_label_html(self.state.per_label_table())
