@@ -1,4 +1,5 @@
-"Evaluation: bad inputs give clear errors; batching does not change outputs; TAT-QA rules on hand-checked dev cases; loading runs."
+"""Evaluation: bad inputs give clear errors; batching does not change outputs; TAT-QA rules on hand-checked dev cases;
+loading runs; per-label scores, confusion matrix and the collapse warning on hand-made cases."""
 import copy, json
 from dataclasses import replace
 from pathlib import Path
@@ -12,7 +13,7 @@ from vrnx_nb.tasks import Task, Example, load_task, render_prompt, render_pair, 
 from vrnx_nb.models import tiny_model, tiny_model_path
 from vrnx_nb.evaluation import (bootstrap_ci, classification_metrics, rouge_metrics, task_metrics, tatqa_em_f1, parse_tatqa_answer,
                                 generate_batched, label_logliks, evaluate, results_table, plot_results, main_eval, Scores, _length_groups,
-                                _prefix_clusters, _common_len)
+                                _prefix_clusters, _common_len, collapse_warning, is_skewed, per_label_table, plot_confusion)
 
 
 @pytest.fixture(scope="module")
@@ -239,21 +240,46 @@ def test_bootstrap_seeded_and_sensible():
 
 # --- loading and the whole call --------------------------------------------------------------------------------------
 
-def test_peft_adapter_folder_and_duck_typed_result(tiny, legal, tmp_path):
-    from peft import LoraConfig, get_peft_model, PeftModel
+def test_peft_adapter_folder_and_duck_typed_result(legal, tmp_path):
+    from peft import LoraConfig, get_peft_model
     from vrnx_nb.models import load_model
+    # three labels of equal token length (a random model otherwise picks the shortest label, 'Other', every time)
+    labs = ["Jurisdiction", "Contract by using", "Choice of law"]
+    exs = [replace(e, target=labs[i % 3]) for i, e in enumerate(legal.test[:8])]
+    three = replace(legal, labels=labs, examples=exs, splits={"test": list(range(8))})
     base, tok = load_model(str(tiny_model_path()), dtype=torch.float32, device="cpu")
     torch.manual_seed(1)
     peft = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    with torch.no_grad():  # a strong random adapter: the label it picks varies from clause to clause
+        for n, p in peft.named_parameters():
+            if "lora_" in n: p.normal_(0, 0.8)
     peft.save_pretrained(tmp_path/"run")
-    direct = evaluate((peft, tok), legal, limit=6, n_boot=20, method="lora")
-    from_dir = evaluate(str(tmp_path/"run"), legal, limit=6, n_boot=20, method="lora", save_dir=tmp_path)
-    from_obj = evaluate(SimpleNamespace(output_dir=str(tmp_path/"run"), base_model=str(tiny_model_path()), method="lora"), legal, limit=6, n_boot=20)
+    direct = evaluate((peft, tok), three, n_boot=20, method="lora")
+    from_dir = evaluate(str(tmp_path/"run"), three, n_boot=20, method="lora", save_dir=tmp_path)
+    run = SimpleNamespace(output_dir=str(tmp_path/"run"), base_model=str(tiny_model_path()), method="lora")
+    from_obj = evaluate(run, three, n_boot=20)
     assert from_obj.method == "lora"
     rows = [json.loads(l) for l in open(from_dir.predictions_path)]
-    assert [r["prediction"] for r in rows] == [json.loads(l)["prediction"] for l in open(from_dir.predictions_path)]
+    assert len(rows) == 8 and {"id", "input", "prediction", "reference", "scores"} <= set(rows[0])
+    assert [r["id"] for r in rows] == [e.id for e in exs] and [r["reference"] for r in rows] == [e.target for e in exs]
+    # each saved prediction is the label the adapter model scores highest by plain forward passes (no batching, no file)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    expected = []
+    for e in exs:
+        p = tok(render_prompt(three, e, tok), add_special_tokens=False)["input_ids"]
+        lls = []
+        for label in labs:
+            c = tok(render_pair(three, replace(e, target=label), tok)["completion"], add_special_tokens=False)["input_ids"]
+            c = c[:c.index(end) + 1]
+            with torch.no_grad(): lp = torch.log_softmax(peft(torch.tensor([p + c])).logits[0], -1)
+            lls.append(sum(lp[len(p) - 1 + k, t].item() for k, t in enumerate(c)))
+        assert np.sort(lls)[-1] - np.sort(lls)[-2] > 0.01  # a clear winner: rounding cannot flip it
+        expected.append(labs[int(np.argmax(lls))])
+    assert len(set(expected)) > 1  # not one label throughout, so the comparison below can tell rows apart
+    assert [r["prediction"] for r in rows] == expected
+    assert [r["scores"]["correct"] for r in rows] == [int(x == e.target) for x, e in zip(expected, exs)]
     assert direct.metrics == from_dir.metrics == from_obj.metrics
-    assert len(rows) == 6 and {"id", "input", "prediction", "reference", "scores"} <= set(rows[0])
+    assert from_dir.metrics["accuracy"] == pytest.approx(np.mean([x == e.target for x, e in zip(expected, exs)]))
 
 
 def test_scores_and_table_and_plot(tiny, tmp_path):
@@ -272,12 +298,12 @@ def test_scores_and_table_and_plot(tiny, tmp_path):
 def test_cli_prints_scores_with_ci(capsys):
     assert main_eval(["--model", "tiny", "--task", "legal", "--limit", "4", "--n-boot", "20"]) == 0
     out = capsys.readouterr().out
-    assert "legal (zero-shot, loglik): accuracy" in out and "[" in out
+    assert "legal (zero-shot, loglik): macro_f1" in out and ", accuracy " in out and "[" in out  # skewed labels: macro-F1 first
 
 
 def test_bottleneck_adapter_model_generates_batch_invariant(legal):
     "The training module's bottleneck wrapper (forward(*args, **kwargs)) goes through the same batched decoding."
-    training = pytest.importorskip("vrnx_nb.training")
+    from vrnx_nb import training  # the package's own module: a broken import fails here, it is not skipped
     model, tok = tiny_model()
     torch.manual_seed(0)
     wrapped = training.BottleneckModel(model, training.BottleneckConfig(r=8)).eval()
@@ -362,3 +388,113 @@ def test_half_precision_models_share_prefixes():
     for dtype in (torch.bfloat16, torch.float16):
         model, _ = load_model("smollm2-135m", dtype=dtype, device="cpu")
         assert ev._cascade_ok(model), dtype
+
+
+# --- per-label scores, confusion matrix, collapse warning ------------------------------------------------------------
+
+HAND_LABELS = ["Other", "Arbitration", "Choice of law", "Limitation of liability"]
+HAND_REFS = ["Other", "Other", "Other", "Other", "Arbitration", "Arbitration", "Choice of law", "Choice of law"]
+HAND_PREDS = ["Other", "Other", "Arbitration", None, "Arbitration", "Other", "Choice of law", "Other"]
+
+
+def test_per_label_scores_on_a_hand_made_example():
+    "Worked by hand: Other 2 of 4 right and predicted 4 times; Arbitration 1 of 2, predicted 2; Choice of law 1 of 2, predicted 1."
+    m = classification_metrics(HAND_PREDS, HAND_REFS, HAND_LABELS, n_boot=10)
+    per = m["per_label"]
+    assert list(per) == HAND_LABELS and m["labels"] == HAND_LABELS
+    assert per["Other"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 4, "predicted": 4}
+    assert per["Arbitration"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2, "predicted": 2}
+    assert per["Choice of law"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2/3), "support": 2, "predicted": 1}
+    assert per["Limitation of liability"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0, "predicted": 0}
+    from sklearn.metrics import precision_recall_fscore_support
+    seen = HAND_LABELS[:3]
+    p, r, f, n = precision_recall_fscore_support(HAND_REFS, [x or "<none>" for x in HAND_PREDS], labels=seen, zero_division=0)
+    np.testing.assert_allclose([[per[l][k] for l in seen] for k in ("precision", "recall", "f1")], [p, r, f])
+    assert [per[l]["support"] for l in seen] == n.tolist()
+    assert m["metrics"]["macro_f1"] == pytest.approx(np.mean(f))  # macro-F1 = mean per-label F1 over the labels that occur
+
+
+def test_confusion_matrix_shape_and_values():
+    m = classification_metrics(HAND_PREDS, HAND_REFS, HAND_LABELS, n_boot=10)
+    assert m["confusion"] == [[2, 1, 0, 0, 1],  # Other: 2 right, 1 as Arbitration, 1 unmatched (last column)
+                              [1, 1, 0, 0, 0],
+                              [1, 0, 1, 0, 0],
+                              [0, 0, 0, 0, 0]]
+    from sklearn.metrics import confusion_matrix
+    sk = confusion_matrix(HAND_REFS, [x or "-" for x in HAND_PREDS], labels=HAND_LABELS)
+    np.testing.assert_array_equal(np.array(m["confusion"])[:, :4], sk)
+    every_named = classification_metrics(["Other", "Arbitration", "Other"], ["Other", "Other", "Arbitration"], HAND_LABELS, n_boot=10)
+    assert np.array(every_named["confusion"]).shape == (4, 4)  # no unmatched column when every prediction named a label
+    assert every_named["confusion"][0][:2] == [1, 1] and every_named["confusion"][1][:2] == [1, 0]
+
+
+def test_per_label_table_and_confusion_plot(tmp_path):
+    m = classification_metrics(HAND_PREDS, HAND_REFS, HAND_LABELS, n_boot=10)
+    t = per_label_table(m)
+    assert list(t.columns) == ["label", "precision", "recall", "f1", "support", "predicted"] and list(t.label) == HAND_LABELS
+    assert t.support.tolist() == [4, 2, 2, 0] and t.predicted.tolist() == [4, 2, 1, 0]
+    fig = plot_confusion(m, tmp_path/"c.png")
+    assert (tmp_path/"c.png").read_bytes()[:4] == b"\x89PNG"
+    ax = fig.axes[0]
+    assert [x.get_text() for x in ax.get_xticklabels()] == HAND_LABELS + ["unmatched"]
+    assert [x.get_text() for x in ax.get_yticklabels()] == \
+        ["Other (4)", "Arbitration (2)", "Choice of law (2)", "Limitation of liability (0)"]
+    np.testing.assert_array_equal(ax.collections[0].get_array().reshape(4, 5), m["confusion"])
+    shares = plot_confusion(m, normalize=True).axes[0].collections[0].get_array().reshape(4, 5)
+    np.testing.assert_allclose(shares[0], [.5, .25, 0, 0, .25]); np.testing.assert_allclose(shares[3], 0)
+    s = Scores("medical", "summarization", "rougeL", {"rougeL": .3}, {"rougeL": (.2, .4)}, 4)
+    with pytest.raises(ValueError, match="task 'medical' .*no per-label scores"): plot_confusion(s)
+    with pytest.raises(ValueError, match="no per-label scores"): per_label_table(s)
+
+
+def test_collapse_warning_at_97_percent_not_at_80():
+    refs = ["Other"]*450 + ["Arbitration"]*50
+    assert collapse_warning(["Other"]*485 + ["Arbitration"]*15, refs) == \
+        "predicts 'Other' for 97% of the test examples (485 of 500); the majority label is 90% of the references"
+    assert collapse_warning(["Other"]*400 + ["Arbitration"]*100, refs) is None
+    assert collapse_warning(["Other"]*474 + ["Arbitration"]*26, refs) is None  # 94.8%: just under the threshold
+    assert collapse_warning(["Other"]*475 + ["Arbitration"]*25, refs).startswith("predicts 'Other' for 95% ")
+    at80 = collapse_warning(["Other"]*400 + ["Arbitration"]*100, refs, "dev", threshold=.8)
+    assert "for 80% of the dev examples (400 of 500)" in at80
+    with pytest.raises(ValueError, match="differ in length"): collapse_warning(["Other"], refs)
+
+
+def test_summary_leads_with_macro_f1_on_skewed_labels():
+    ci = {"accuracy": (.85, .95), "macro_f1": (.05, .2)}
+    def scores(supports):
+        return Scores("legal", "classification", "accuracy", {"accuracy": .9, "macro_f1": .1}, ci, sum(supports.values()),
+                      0, per_label={l: {"support": n} for l, n in supports.items()})
+    lead = lambda s: s.summary().split(": ", 1)[1].split(" ")[0]
+    assert lead(scores({"Other": 90, "Arbitration": 10})) == "macro_f1"  # 90% of the split
+    assert lead(scores({"a": 50, "b": 40, "c": 10})) == "macro_f1"       # 50 > 3 x 10
+    assert lead(scores({"a": 40, "b": 30, "c": 30})) == "accuracy"       # balanced enough: unchanged
+    line = scores({"Other": 90, "Arbitration": 10}).summary()
+    assert "macro_f1 0.100 [0.050, 0.200], accuracy 0.900 [0.850, 0.950]; n=100" in line and "\n" not in line
+    assert is_skewed(["a"]*7 + ["b"]*3) and not is_skewed(["a"]*6 + ["b"]*4)
+
+
+def test_evaluate_fills_per_label_and_warns_on_collapse(tiny, legal, tmp_path):
+    from collections import Counter
+    s = evaluate(tiny, legal, limit=24, n_boot=20, save_dir=tmp_path)
+    rows = [json.loads(l) for l in open(s.predictions_path)]
+    preds, refs = Counter(r["prediction"] for r in rows), Counter(r["reference"] for r in rows)
+    assert s.labels == legal.labels and np.array(s.confusion).shape == (9, 9)
+    assert {l: v["support"] for l, v in s.per_label.items()} == {l: refs[l] for l in legal.labels}
+    assert {l: v["predicted"] for l, v in s.per_label.items()} == {l: preds[l] for l in legal.labels}
+    label, count = preds.most_common(1)[0]
+    if count/24 >= .95:  # this tiny model answers one label throughout
+        assert s.warnings == [collapse_warning([r["prediction"] for r in rows], [r["reference"] for r in rows])]
+        assert s.warnings[0].startswith(f"predicts {label!r} for {count/24:.0%} of the test examples ({count} of 24); ")
+    else: assert s.warnings == []
+    summ = evaluate(tiny, "medical", limit=2, max_new_tokens=2, n_boot=10)
+    assert summ.per_label is None and summ.confusion is None and summ.warnings == []
+
+
+def test_cli_prints_warnings_after_the_summary(capsys):
+    import vrnx_nb.evaluation as ev
+    from unittest import mock
+    with mock.patch.object(ev, "collapse_warning", return_value="predicts 'Other' for 100% of the test examples (4 of 4)"):
+        assert main_eval(["--model", "tiny", "--task", "legal", "--limit", "4", "--n-boot", "20"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    i = next(k for k, l in enumerate(lines) if l.startswith("legal (zero-shot, loglik): "))
+    assert lines[i + 1] == "warning: predicts 'Other' for 100% of the test examples (4 of 4)"

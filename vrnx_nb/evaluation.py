@@ -15,10 +15,10 @@ from .tasks import Task, Example, load_task, render_prompt, render_pair
 
 # %% auto #0
 __all__ = ['SCALES', 'METRICS', 'METRIC_LABELS', 'TASK_ORDER', 'FULL_NAMES', 'bootstrap_ci', 'match_label',
-           'classification_metrics', 'rouge_metrics', 'scale_factor', 'is_number', 'to_number', 'tatqa_normalize',
-           'tatqa_answer_strings', 'parse_tatqa_answer', 'tatqa_em_f1', 'task_metrics', 'stop_token_ids',
-           'generate_batched', 'label_logliks', 'load_for_eval', 'default_max_new_tokens', 'Scores', 'evaluate',
-           'results_table', 'plot_results', 'main_eval']
+           'classification_metrics', 'collapse_warning', 'is_skewed', 'rouge_metrics', 'scale_factor', 'is_number',
+           'to_number', 'tatqa_normalize', 'tatqa_answer_strings', 'parse_tatqa_answer', 'tatqa_em_f1', 'task_metrics',
+           'stop_token_ids', 'generate_batched', 'label_logliks', 'load_for_eval', 'default_max_new_tokens', 'Scores',
+           'evaluate', 'per_label_table', 'plot_confusion', 'results_table', 'plot_results', 'main_eval']
 
 # %% ../nbs/06_evaluation.ipynb #a0e4da6e
 def bootstrap_ci(data, # per-example values (n,) or rows (n, k) that `stat` reads
@@ -70,12 +70,24 @@ def _macro_f1(pairs:np.ndarray) -> float:
     tp = (tc & pc).sum(0); denom = tc.sum(0) + pc.sum(0)
     return float(np.mean(np.where(denom > 0, 2*tp/np.maximum(denom, 1), 0.0)))
 
+def _per_label(pairs:np.ndarray, labels:list) -> tuple:
+    "Per-label scores and the confusion matrix (references x predictions, an 'unmatched' column if any) of coded pairs."
+    n = len(labels)
+    conf = np.zeros((n, n + 1), dtype=int)
+    np.add.at(conf, (pairs[:, 0], np.where(pairs[:, 1] < 0, n, pairs[:, 1])), 1)
+    tp, support, predicted = np.diag(conf[:, :n]), conf.sum(1), conf[:, :n].sum(0)
+    per = {l: {"precision": float(tp[i]/predicted[i]) if predicted[i] else 0.0,
+               "recall": float(tp[i]/support[i]) if support[i] else 0.0,
+               "f1": float(2*tp[i]/(support[i] + predicted[i])) if support[i] + predicted[i] else 0.0,
+               "support": int(support[i]), "predicted": int(predicted[i])} for i, l in enumerate(labels)}
+    return per, (conf if conf[:, n].any() else conf[:, :n]).tolist()
+
 def classification_metrics(predictions:list, # predicted labels (None = matched no label)
                            references:list, # true labels
                            labels:list|None=None, # the label set; default: the labels seen
                            n_boot:int=1000, seed:int=0, # bootstrap settings
                           ) -> dict:
-    "Accuracy and macro-F1 with bootstrap CIs, the unmatched count, and per-example correctness."
+    "Accuracy and macro-F1 with CIs, per-label scores, the confusion matrix, unmatched count, per-example correctness."
     _check_lengths(predictions, references)
     labels = list(labels or sorted({*references, *(p for p in predictions if p is not None)}))
     code = {l: i for i, l in enumerate(labels)}
@@ -83,11 +95,45 @@ def classification_metrics(predictions:list, # predicted labels (None = matched 
     if unknown: raise ValueError(f"references contain labels outside the label set: {unknown[:5]}")
     pairs = np.array([[code[r], code.get(p, -1)] for p, r in zip(predictions, references)])
     correct = (pairs[:, 0] == pairs[:, 1]).astype(float)
+    per_label, confusion = _per_label(pairs, labels)
     return {"metrics": {"accuracy": float(correct.mean()), "macro_f1": _macro_f1(pairs)},
             "ci": {"accuracy": bootstrap_ci(correct, n_boot=n_boot, seed=seed),
                    "macro_f1": bootstrap_ci(pairs, _macro_f1, n_boot=n_boot, seed=seed)},
             "per_example": [{"correct": int(c)} for c in correct],
-            "unmatched": int(sum(p not in code for p in predictions))}
+            "unmatched": int(sum(p not in code for p in predictions)),
+            "per_label": per_label, "confusion": confusion, "labels": labels}
+
+# %% ../nbs/06_evaluation.ipynb #53a3f138
+def _pct(x:float) -> str: # a share in percent; 499 of 500 is 99.8%, not 100%
+    return f"{x:.0%}" if x in (0, 1) or 0.005 <= x < 0.995 else f"{x:.1%}"
+
+def collapse_warning(predictions:list, # predicted labels (None = matched no label)
+                     references:list, # true labels
+                     split:str="test", # the split's name, for the message
+                     threshold:float=0.95, # warn when one label is at least this share of the predictions
+                    ) -> str|None:
+    "A warning if one label is >= `threshold` of the predictions (its share, count, the majority share of references)."
+    from collections import Counter
+    _check_lengths(predictions, references)
+    named = Counter(p for p in predictions if p is not None)
+    if not named: return None
+    label, count = named.most_common(1)[0]
+    n = len(predictions); share = count/n
+    if share < threshold: return None
+    top, top_n = Counter(references).most_common(1)[0]
+    who = "the majority label" if top == label else f"the majority label, {top!r},"
+    return (f"predicts {label!r} for {_pct(share)} of the {split} examples ({count} of {n}); "
+            f"{who} is {_pct(top_n/len(references))} of the references")
+
+def is_skewed(counts, # reference labels (a list) or label -> count (a dict)
+              share:float=0.6, # skewed when the largest label is above this share of the split
+              ratio:float=3.0, # ... or above `ratio` times the smallest label present
+             ) -> bool:
+    "True when the label distribution is skewed enough that accuracy should not be read first."
+    from collections import Counter
+    c = [v for v in (counts if isinstance(counts, dict) else Counter(counts)).values() if v > 0]
+    if not c: return False
+    return max(c) > share*sum(c) or max(c) > ratio*min(c)
 
 # %% ../nbs/06_evaluation.ipynb #3a817314
 def rouge_metrics(predictions:list, # generated summaries
@@ -762,15 +808,29 @@ class Scores:
     mode: str = "generate" # 'generate' or 'loglik'
     batch_size: int = 16
     max_new_tokens: int|None = None
+    per_label: dict|None = None # classification: label -> precision, recall, f1, support, predicted
+    confusion: list|None = None # classification: references x predictions in `labels` order (+ unmatched column if any)
+    labels: list|None = None # classification: the label order of `per_label` and `confusion`
+    warnings: list = field(default_factory=list) # e.g. a collapse to one label
 
     @property
     def score(self) -> float: return self.metrics[self.metric]
 
-    def summary(self) -> str:
-        "One line: task, method, each metric with its CI, n, throughput."
-        ms = ", ".join(f"{k} {v:.3f} [{self.ci[k][0]:.3f}, {self.ci[k][1]:.3f}]" for k, v in self.metrics.items())
+    def _metric_order(self) -> list:
+        "Metric keys in summary order: macro-F1 first for a classification split with skewed labels."
+        keys = list(self.metrics)
+        if self.kind == "classification" and self.per_label and "macro_f1" in keys \
+           and is_skewed({l: v["support"] for l, v in self.per_label.items()}):
+            keys = ["macro_f1"] + [k for k in keys if k != "macro_f1"]
+        return keys
+
+    def summary(self, warnings:bool=True, # append each warning on its own line after 'warning: '
+               ) -> str:
+        "One line: task, method, metrics with CIs (macro-F1 first on skewed labels), n, throughput; then the warnings."
+        ms = ", ".join(f"{k} {self.metrics[k]:.3f} [{self.ci[k][0]:.3f}, {self.ci[k][1]:.3f}]" for k in self._metric_order())
         um = f", unmatched {self.unmatched}" if self.unmatched is not None else ""
-        return f"{self.task} ({self.method or self.model}, {self.mode}): {ms}; n={self.n}{um}; {self.examples_per_s:.2f} ex/s"
+        line = f"{self.task} ({self.method or self.model}, {self.mode}): {ms}; n={self.n}{um}; {self.examples_per_s:.2f} ex/s"
+        return line + "".join(f"\nwarning: {w}" for w in self.warnings) if warnings else line
 
     def to_dict(self) -> dict: return asdict(self)
     def __repr__(self): return f"Scores({self.summary()})"
@@ -797,7 +857,7 @@ def evaluate(model_or_result, # model name/folder, (model, tokenizer), or a trai
              method:str|None=None, # row name in results tables; default: the result's method or 'zero-shot'
              progress:bool=False, # show a progress bar
             ) -> Scores:
-    "Generate (or score labels) for every example of `task`'s `split` and score it with CIs."
+    "Generate (or score labels) for `task`'s `split`; score it with CIs, per-label scores, confusion and warnings."
     if isinstance(task, str): task = load_task(task)
     if task.kind not in METRICS: raise ValueError(f"Task {task.name!r}: no metric for task kind {task.kind!r}; supported kinds: {sorted(METRICS)}")
     mode = mode or ("loglik" if task.kind == "classification" else "generate")
@@ -825,8 +885,55 @@ def evaluate(model_or_result, # model name/folder, (model, tokenizer), or a trai
         safe = re.sub(r"[^\w.-]+", "_", method)
         path = Path(save_dir)/f"{task.name}-{split}-{safe}.jsonl"
         _write_predictions(path, examples, raws, preds, res["per_example"])
+    extra = {}
+    if task.kind == "classification":
+        w = collapse_warning(preds, [e.target for e in examples], split)
+        extra = dict(per_label=res["per_label"], confusion=res["confusion"], labels=res["labels"], warnings=[w] if w else [])
     return Scores(task.name, task.kind, task.metric, res["metrics"], res["ci"], len(examples), res.get("unmatched"),
-                  len(examples)/seconds, seconds, str(path) if path else None, name, method, split, mode, batch_size, max_new_tokens)
+                  len(examples)/seconds, seconds, str(path) if path else None, name, method, split, mode, batch_size, max_new_tokens,
+                  **extra)
+
+# %% ../nbs/06_evaluation.ipynb #9f325535
+def _classification_parts(scores, who:str) -> tuple:
+    "`(labels, per_label, confusion)` of a classification `Scores` or `classification_metrics` dict."
+    get = scores.get if isinstance(scores, dict) else (lambda k: getattr(scores, k, None))
+    parts = get("labels"), get("per_label"), get("confusion")
+    if any(p is None for p in parts):
+        raise ValueError(f"{who}: scores of task {get('task') or '?'!r} ({get('kind') or 'unknown kind'}) have no per-label "
+                         "scores; only classification scores from `evaluate` or `classification_metrics` have them")
+    return parts
+
+def per_label_table(scores, # a classification `Scores` (or a `classification_metrics` dict)
+                   ):
+    "Per-label precision, recall, F1, support and predicted count: a pandas DataFrame, one row per label in label order."
+    import pandas as pd
+    labels, per, _ = _classification_parts(scores, "per_label_table")
+    cols = ("precision", "recall", "f1", "support", "predicted")
+    return pd.DataFrame([{"label": l, **{k: per[l][k] for k in cols}} for l in labels], columns=["label", *cols])
+
+# %% ../nbs/06_evaluation.ipynb #46214303
+def plot_confusion(scores, # a classification `Scores` (or a `classification_metrics` dict)
+                   path:str|Path|None=None, # save a PNG here
+                   normalize:bool=False, # show each reference row as shares of its count (recall on the diagonal)
+                  ):
+    "Heatmap (seaborn) of the confusion matrix, references (with counts) x predictions, label names; the figure."
+    import matplotlib.pyplot as plt, seaborn as sns
+    labels, _, conf = _classification_parts(scores, "plot_confusion")
+    counts = np.array(conf, dtype=float)
+    cols = list(labels) + (["unmatched"] if counts.shape[1] > len(labels) else [])
+    m = counts/np.maximum(counts.sum(1, keepdims=True), 1) if normalize else counts
+    annot = np.where(counts == 0, "", np.vectorize(lambda v: f"{v:.2f}" if normalize else f"{v:.0f}")(m))
+    rows = [f"{l} ({k:.0f})" for l, k in zip(labels, counts.sum(1))]
+    fig, ax = plt.subplots(figsize=(3 + 0.8*len(cols), 2 + 0.55*len(labels)))
+    sns.heatmap(m, annot=annot, fmt="", cmap="Blues", vmin=0, vmax=1 if normalize else None, xticklabels=cols,
+                yticklabels=rows, linewidths=.5, linecolor="#eee", ax=ax)
+    who = f"{scores.task} ({scores.method or scores.model}), n={scores.n}: " if isinstance(scores, Scores) else ""
+    ax.set(xlabel="prediction", ylabel="reference (count)",
+           title=who + ("confusion, share of each reference row" if normalize else "confusion"))
+    ax.tick_params(axis="x", labelrotation=40); plt.setp(ax.get_xticklabels(), ha="right", rotation_mode="anchor")
+    fig.tight_layout()
+    if path is not None: fig.savefig(path, dpi=150); plt.close(fig)
+    return fig
 
 # %% ../nbs/06_evaluation.ipynb #a9f9dd55
 METRIC_LABELS = {"accuracy": "accuracy", "rougeL": "ROUGE-L", "exact_match": "EM", "macro_f1": "macro-F1", "f1": "F1"}
@@ -935,7 +1042,8 @@ def main_eval(argv:list|None=None) -> int:
             loaded = load_for_eval(target)
             for t in a.task:
                 s = evaluate(loaded[:2], t, a.split, a.batch_size, a.max_new_tokens, a.limit, a.save_dir, a.n_boot, a.seed, a.mode, method)
-                s.model = str(target); runs.append(s); print(s.summary(), flush=True)
+                s.model = str(target); runs.append(s)
+                print(s.summary(warnings=False), *(f"warning: {w}" for w in s.warnings), sep="\n", flush=True)
     except ValueError as e:
         print(f"vrnx eval: error: {e}", file=sys.stderr); return 2
     if len(runs) > 1: print(results_table(runs).to_string())
