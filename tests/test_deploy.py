@@ -140,3 +140,95 @@ def test_served_export_answers_an_openai_request(exports):
         reply = client.chat.completions.create(model=ep.model, max_tokens=5, temperature=0,
                                                messages=[{"role": "user", "content": "Is this clause unfair? We may end your account."}])
     assert reply.choices[0].message.content is not None and reply.usage.completion_tokens >= 1
+
+
+# a user's own task (not bundled): the run keeps it in task.json, so gptq/awq calibrate on it without the data file
+_QUESTIONS = {"drug": "Can I take {} with ibuprofen?", "diet": "Is {} safe to eat every day?"}
+_ROWS = [{"question": q.format(w), "topic": t} for t, q in _QUESTIONS.items()
+         for w in ("garlic", "rice", "eggs", "coffee", "honey", "salmon", "tofu", "milk", "oats", "kale", "beans", "nuts")]
+
+
+@pytest.fixture(scope="module")
+def user_task():
+    from vrnx_nb.tasks import make_task
+    return make_task("mediqa", _ROWS, "classification", "Name the topic of this health question.",
+                     input_field="question", target_field="topic")
+
+
+@pytest.fixture(scope="module")
+def user_run(user_task, tmp_path_factory):
+    return finetune("tiny", user_task, method="lora", r=4, max_steps=1, batch_size=4, max_val_examples=4,
+                    output_dir=tmp_path_factory.mktemp("user")/"run", device="cpu")
+
+
+def _old_run(user_run, tmp_path):
+    "A copy of the run as runs were before finetune kept task.json."
+    old = tmp_path/"old"; shutil.copytree(user_run.output_dir, old); (old/"task.json").unlink()
+    return old
+
+
+def test_run_on_a_user_task_exports_as_gptq_from_its_own_task(user_run, user_task, tmp_path):
+    from vrnx_nb.deploy import export_task
+    res = export(user_run, "gptq", tmp_path/"q", n_calibration=8)   # no task=: it comes from the run's task.json
+    info = read_export(res.output_dir)
+    assert res.task == "mediqa" and info["quantization"]["n_calibration"] == 8
+    assert info["quantization"]["calibration_data"] == "train split of task 'mediqa', kept with the run (task.json)"
+    assert "model.layers.0.mlp.down_proj.weight_packed" in _keys(res.output_dir)
+    assert (tmp_path/"q"/"config.json").exists() and (tmp_path/"q"/"tokenizer.json").exists()
+    assert "--task" not in info["commands"][-1] and "label_calibration" not in info
+    card = (tmp_path/"q"/"README.md").read_text()
+    assert "on the mediqa task" in card and "## Label decisions" not in card
+    assert "# trained in Python on the user task 'mediqa'" in card   # not a `vrnx train --task mediqa` that cannot run
+    m, tok = load_export(res.output_dir, device="cpu")
+    assert hasattr(m.model.layers[0].mlp.down_proj, "weight_packed") and torch.isfinite(_logits(m, tok, "Is rice safe?")).all()
+    # the task it calibrated on is the run's: same train examples as the user's task
+    kept, origin = export_task(user_run)
+    assert origin == "run" and [e.input for e in kept.train] == [e.input for e in user_task.train] and kept.labels == user_task.labels
+    assert export_task(user_run, "mediqa")[1] == "run" and export_task(user_run, "legal")[0].name == "legal"   # a bundled name as before
+    with pytest.raises(ValueError, match=r"'mediqa2' is neither a bundled task .* nor the task this run kept \('mediqa'"):
+        export(user_run, "gptq", tmp_path/"bad", task="mediqa2")
+    assert not (tmp_path/"bad").exists()
+
+
+def test_old_run_on_a_user_task_says_what_is_missing_and_data_file_calibrates(user_run, user_task, tmp_path, capsys):
+    old = _old_run(user_run, tmp_path)
+    with pytest.raises(ValueError, match=r"'mediqa' is not a bundled task .* has no task\.json .* pass task= a Task .*--data FILE"):
+        export(old, "gptq", tmp_path/"q")
+    assert export(old, "merged", tmp_path/"m").task == "mediqa"   # merged needs no calibration data
+    res = export(old, "gptq", tmp_path/"given", task=user_task, n_calibration=4)   # the Python fix
+    assert read_export(res.output_dir)["quantization"]["calibration_data"] == "train split of task 'mediqa', given to export"
+    data = tmp_path/"mediqa.jsonl"; data.write_text("\n".join(json.dumps(r) for r in _ROWS) + "\n")
+    args = ["--run", str(old), "--format", "gptq", "--out", str(tmp_path/"cli"), "--data", str(data),
+            "--input-field", "question", "--target-field", "topic", "--n-calibration", "4"]
+    assert main_export(args) == 2 and "pass --kind and --instruction" in capsys.readouterr().err
+    assert main_export(args + ["--kind", "classification", "--instruction", user_task.instruction]) == 0
+    info = read_export(tmp_path/"cli")
+    assert info["task"] == "mediqa" and (tmp_path/"cli"/"model.safetensors").exists()
+    assert info["quantization"]["calibration_data"].startswith("train split of task 'mediqa', given to export: --data ")
+    # the recorded command rebuilds the folder
+    import shlex
+    assert main_export(shlex.split(info["commands"][-1])[2:] + ["--overwrite"]) == 0
+    assert read_export(tmp_path/"cli")["quantization"]["n_calibration"] == 4
+    assert main_export(["--run", str(old), "--format", "gptq", "--out", str(tmp_path/"x")]) == 2
+    assert "--data FILE" in capsys.readouterr().err and not (tmp_path/"x").exists()
+
+
+def test_calibration_json_travels_with_the_export_and_the_card_names_it(user_run, user_task, tmp_path):
+    from vrnx_nb.calibration import CALIBRATION_FILE, calibrate, load_calibration
+    run = tmp_path/"run"; shutil.copytree(user_run.output_dir, run)   # the module's run stays uncalibrated
+    cal = calibrate(str(run), user_task, batch_size=4)
+    assert (run/CALIBRATION_FILE).exists()
+    res = export(run, "merged", tmp_path/"m")
+    out = Path(res.output_dir)
+    assert (out/CALIBRATION_FILE).read_bytes() == (run/CALIBRATION_FILE).read_bytes()
+    assert load_calibration(out) == cal
+    info = read_export(out)
+    assert info["label_calibration"]["file"] == CALIBRATION_FILE and info["label_calibration"]["offsets"] == cal.offsets
+    card = (out/"README.md").read_text()
+    assert "## Label decisions" in card and "calibrated: `calibration.json`" in card
+    assert f"fitted on the val split ({cal.n} examples)" in card and f"load_calibration({str(out)!r})" in card
+    write_card(out, [])   # rewriting the card keeps the note
+    assert "calibrated: `calibration.json`" in (out/"README.md").read_text()
+    (run/CALIBRATION_FILE).write_text('{"labels": ["a"]}')   # a broken file fails before any work
+    with pytest.raises(ValueError, match="calibration.json: not a vrnx calibration file"): export(run, "merged", tmp_path/"b")
+    assert not (tmp_path/"b").exists()

@@ -13,9 +13,9 @@ import torch
 
 # %% auto #0
 __all__ = ['FORMATS', 'INSTALL', 'DTYPES', 'EXPORT_FILE', 'require_format', 'ExportConfig', 'ExportSource', 'export_source',
-           'check_adapter', 'merged_model', 'calibration_texts', 'group_size_for', 'quantize', 'model_card',
-           'serve_command', 'read_export', 'write_card', 'ExportResult', 'weights_mb', 'export', 'load_export',
-           'serve_export', 'main_export']
+           'check_adapter', 'merged_model', 'calibration_texts', 'export_task', 'group_size_for', 'quantize',
+           'model_card', 'serve_command', 'read_export', 'write_card', 'ExportResult', 'weights_mb', 'export',
+           'load_export', 'serve_export', 'main_export']
 
 # %% ../nbs/10_deploy.ipynb #8a412bdc
 FORMATS = {"merged": (), "gptq": ("llmcompressor", "compressed_tensors", "loguru"),
@@ -73,12 +73,13 @@ class ExportSource:
     weights_dir: str|None = None # adapter folder (lora/qlora) or model folder (full)
     task: str|None = None # the run's task name
     run: dict = field(default_factory=dict) # the run's vrnx_run.json, empty when not a run
+    run_task: object = None # the `Task` the run kept in task.json (train and val); None for older runs and non-runs
 
 def export_source(src, # a `TrainResult`, a run folder, an adapter folder, or a model alias/folder
                   base:str|None=None, # base model for an adapter folder (default: the one it names)
                  ) -> ExportSource:
-    "Work out the base model, method and weights of `src`."
-    from vrnx_nb.training import RUN_FILE, _run_info
+    "Work out the base model, method, weights and task of `src`."
+    from vrnx_nb.training import RUN_FILE, _run_info, load_run_task
     if isinstance(src, ExportSource): return src
     if hasattr(src, "output_dir"): src = src.output_dir
     if not isinstance(src, (str, os.PathLike)): raise ValueError(f"src: expected a TrainResult, a run/adapter folder or a model name, got {type(src).__name__}")
@@ -88,8 +89,8 @@ def export_source(src, # a `TrainResult`, a run folder, an adapter folder, or a 
         method = run["config"]["method"]
         if method == "adapter": raise ValueError(f"{path}: bottleneck adapters are non-linear and cannot be merged into the base; export a LoRA, QLoRA or full run")
         task = str(run.get("task", "")).split(":")[0] or None
-        if method == "full": return ExportSource(str(path), "full", str(path), task, run)
-        return ExportSource(str(base or run["model"]), method, str(path), task, run)
+        kept = load_run_task(path)
+        return ExportSource(str(path) if method == "full" else str(base or run["model"]), method, str(path), task, run, kept)
     if (path/"bottleneck_config.json").exists(): raise ValueError(f"{path}: bottleneck adapters are non-linear and cannot be merged into the base")
     if (path/"adapter_config.json").exists():
         named = json.loads((path/"adapter_config.json").read_text()).get("base_model_name_or_path")
@@ -161,6 +162,40 @@ def calibration_texts(task, # a `Task` or a bundled task name
     pick = sorted(random.Random(seed).sample(range(len(exs)), min(n, len(exs))))
     return [(lambda p: p["prompt"] + p["completion"])(render_pair(task, exs[i], tokenizer)) for i in pick]
 
+# %% ../nbs/10_deploy.ipynb #05f8f590
+def _bundled(name) -> bool:
+    from vrnx_nb.tasks import BUNDLED_TASKS, TASK_ALIASES
+    key = str(name).lower()
+    return TASK_ALIASES.get(key, key) in BUNDLED_TASKS
+
+def export_task(src, # anything `export_source` takes
+                task=None, # a `Task`, a bundled task name, the run's own task name, or None: the run's task
+                format:str="gptq", # the export format; 'gptq'/'awq' calibrate, so for them a missing task is an error
+               ) -> tuple:
+    "`(task, origin)`: the `Task` an export calibrates on and where it came from: 'given', 'bundled' or 'run' (its task.json)."
+    from vrnx_nb.tasks import BUNDLED_TASKS, load_task
+    from vrnx_nb.training import RUN_TASK_FILE
+    s = export_source(src)
+    if task is not None and not isinstance(task, str): return task, "given"
+    if task is not None and _bundled(task): return load_task(task), "bundled"
+    kept = s.run_task
+    if kept is not None and task in (None, kept.name): return kept, "run"
+    if task is None and s.task and _bundled(s.task): return load_task(s.task), "bundled"  # a run made before task.json
+    if task is None and format not in ("gptq", "awq"): return None, None  # merged/bnb4: the card just names the run's task
+    fix = ("pass task= a Task (e.g. `vrnx_nb.tasks.make_task` on the training data) or run `vrnx export --data FILE "
+           "--input-field COLUMN --target-field COLUMN --kind KIND --instruction TEXT` on it")
+    calibrates = format in ("gptq", "awq")
+    what = f"format {format!r} calibrates on the task's train examples" if calibrates else "the model card names the task"
+    bundled = f"not a bundled task ({', '.join(sorted(BUNDLED_TASKS))})"
+    if task is not None and kept is not None:
+        raise ValueError(f"task {task!r} is neither a bundled task ({', '.join(sorted(BUNDLED_TASKS))}) nor the task this run "
+                         f"kept ({kept.name!r} in {Path(s.weights_dir)/RUN_TASK_FILE}): {fix}")
+    name = task or s.task
+    if name is None: raise ValueError(f"{what}, but the source {s.base_model!r} records none: {fix}")
+    where = (f"{s.weights_dir} has no {RUN_TASK_FILE} (a run made before finetune kept its task)" if s.run
+             else f"the source {s.weights_dir or s.base_model!r} is not a vrnx run folder")
+    raise ValueError(f"{what}, but {name!r} is {bundled} and {where}: {fix}")
+
 # %% ../nbs/10_deploy.ipynb #c84e04c7
 def group_size_for(model:torch.nn.Module, # the model to quantize
                    group_size:int|None=None, # a wanted size, checked; None picks one
@@ -228,6 +263,9 @@ def _train_command(run:dict) -> str|None:
     for flag, key in (("--epochs", "epochs"), ("--max-steps", "max_steps"), ("--batch-size", "batch_size"), ("--lr", "learning_rate"),
                       ("--max-val", "max_val_examples"), ("--seed", "seed")):
         if c.get(key) is not None: args += [flag, str(c[key])]
+    if task and not _bundled(task):  # `vrnx train` takes bundled tasks; a user task was trained in Python
+        return (f"# trained in Python on the user task {task!r} (`finetune(model, make_task(...), ...)`) with the settings of: "
+                + shlex.join(args))
     return shlex.join(args)
 
 def _score_dicts(scores) -> list: return [s.to_dict() if hasattr(s, "to_dict") else dict(s) for s in scores or []]
@@ -258,6 +296,7 @@ def model_card(info:dict) -> str:
     lines += ["", "## Quantization", ""]
     if q: lines += [f"- {k}: {v}" for k, v in q.items()]
     else: lines.append("- none: full-precision weights")
+    lines += _label_calibration_lines(info)
     lines += ["", "## Metrics", ""]
     rows = _score_rows(info.get("scores"))
     if rows:
@@ -269,6 +308,25 @@ def model_card(info:dict) -> str:
               "## Serving", "", "```bash", serve_command(info["output_dir"], info["format"], "transformers"),
               serve_command(info["output_dir"], info["format"], "vllm"), "```", ""]
     return "\n".join(lines)
+
+def _label_calibration_lines(info:dict) -> list:
+    c = info.get("label_calibration")
+    if not c: return []
+    form = "per-token label log-likelihoods" if c.get("normalize") else "label log-likelihoods"
+    lines = ["", "## Label decisions", "",
+             f"- calibrated: `{c['file']}` holds one offset per label ({', '.join(map(str, c['labels']))}), added to the {form} "
+             f"before the argmax; fitted on the {c['split']} split ({c['n']} examples) for macro-F1: {c['argmax_macro_f1']:.3f} "
+             f"with the plain argmax, {c['fitted_macro_f1']:.3f} with the offsets"]
+    if info.get("quantization") and info["format"] != "merged":
+        lines.append(f"- fitted on the run's model before this {info['format']} quantization; "
+                     "`vrnx_nb.calibration.calibrate(folder, task)` refits them on this folder")
+    lines += ["- a server that generates replies (below) does not apply them; to decide with them, score the labels:",
+              "", "```python",
+              "from vrnx_nb.calibration import load_calibration, task_logliks",
+              f"cal = load_calibration({info['output_dir']!r})",
+              "ll, _ = task_logliks(model, tokenizer, task, 'test')  # (examples, labels) label log-likelihoods",
+              "labels = cal.decide(ll)", "```"]
+    return lines
 
 def serve_command(folder, # an export folder
                   format:str="merged", # its format
@@ -323,14 +381,15 @@ def _default_dir(s:ExportSource, format:str) -> Path:
 def export(src, # a `TrainResult`, a run folder, an adapter folder, or a model alias/folder
            format:str="merged", # 'merged', 'gptq', 'awq' or 'bnb4'
            output_dir:str|os.PathLike|None=None, # default: `<run folder>-<format>` (or under the cache for a base model)
-           task=None, # `Task` or name to calibrate gptq/awq on; default: the run's task
+           task=None, # `Task` or name to calibrate gptq/awq on; default: the run's own task (its task.json)
            base:str|None=None, # base model of an adapter folder (default: the one it names)
            overwrite:bool=False, # replace an existing output folder
            scores:list|None=None, # `Scores` to put in the model card
+           task_flags:list|None=None, # `vrnx export` flags that rebuild a given `task` (main_export passes --data ...)
            **kwargs, # `ExportConfig` fields: dtype, bits, group_size, n_calibration, max_seq_length, seed
           ) -> ExportResult:
     "Merge, optionally quantize, and save `src` as a self-contained model folder with a model card."
-    from vrnx_nb.tasks import load_task
+    from vrnx_nb.calibration import CALIBRATION_FILE, load_calibration
     unknown = sorted(set(kwargs) - set(ExportConfig.__dataclass_fields__))
     if unknown: raise TypeError(f"export: unknown argument(s) {unknown}; ExportConfig fields are {sorted(ExportConfig.__dataclass_fields__)}")
     cfg = ExportConfig(format=format, **kwargs)
@@ -341,17 +400,18 @@ def export(src, # a `TrainResult`, a run folder, an adapter folder, or a model a
         raise FileExistsError(f"export folder {out} already exists and is not empty: pass overwrite=True (--overwrite) or choose another output_dir")
     if out.exists() and s.weights_dir and out.resolve() == Path(s.weights_dir).resolve():
         raise ValueError(f"export folder {out} is the source folder itself; choose another output_dir")
-    if cfg.format in ("gptq", "awq"):
-        task = task or s.task
-        if task is None: raise ValueError(f"format {cfg.format!r} calibrates on a task's train examples: pass task= (the source {s.base_model!r} records none)")
-    if isinstance(task, str): task = load_task(task)
+    task, origin = export_task(s, task, cfg.format)
+    # the run's label offsets travel with the export; a broken calibration.json fails here, not after the merge
+    label_cal = load_calibration(s.weights_dir) if s.weights_dir else None
     t0 = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         model, tok = merged_model(s)
         quant = {}
-        if cfg.format in ("gptq", "awq"): quant = quantize(model, tok, calibration_texts(task, tok, cfg.n_calibration, cfg.seed), cfg)
+        if cfg.format in ("gptq", "awq"):
+            quant = quantize(model, tok, calibration_texts(task, tok, cfg.n_calibration, cfg.seed), cfg)
+            quant["calibration_data"] = _calibration_data(task, origin, task_flags)
         model = model.to(DTYPES[cfg.dtype])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -366,13 +426,19 @@ def export(src, # a `TrainResult`, a run folder, an adapter folder, or a model a
         else: cmd = ["vrnx", "export", "--model", s.base_model]
         cmd += ["--format", cfg.format, "--out", str(out), "--dtype", cfg.dtype]
         if cfg.format in ("gptq", "awq"):
-            cmd += ["--task", task.name, "--bits", str(cfg.bits), "--n-calibration", str(cfg.n_calibration), "--max-seq-length", str(cfg.max_seq_length)]
+            if task_flags: cmd += list(task_flags)
+            elif origin != "run": cmd += ["--task", task.name]  # the run's own task is the default
+            cmd += ["--bits", str(cfg.bits), "--n-calibration", str(cfg.n_calibration),
+                    "--max-seq-length", str(cfg.max_seq_length)]
             if cfg.group_size: cmd += ["--group-size", str(cfg.group_size)]
         info = {"format": cfg.format, "base_model": s.base_model, "method": s.method, "source": s.weights_dir or s.base_model,
                 "task": getattr(task, "name", None) or s.task, "data_source": getattr(task, "source", None) or _task_source(s.task),
                 "dtype": cfg.dtype, "config": asdict(cfg), "quantization": quant, "run": s.run, "size_mb": weights_mb(tmp),
                 "commands": [_train_command(s.run), shlex.join(cmd)], "scores": _score_dicts(scores), "seconds": round(time.time() - t0, 1),
                 "versions": _versions(cfg.format), "output_dir": str(out)}
+        if label_cal is not None:
+            shutil.copy2(Path(s.weights_dir)/CALIBRATION_FILE, tmp/CALIBRATION_FILE)
+            info["label_calibration"] = {"file": CALIBRATION_FILE, **asdict(label_cal)}
         (tmp/EXPORT_FILE).write_text(json.dumps(info, indent=1, default=str))
         (tmp/"README.md").write_text(model_card(info))
         if out.exists(): shutil.rmtree(out) if out.is_dir() else out.unlink()
@@ -380,6 +446,11 @@ def export(src, # a `TrainResult`, a run folder, an adapter folder, or a model a
     finally:
         if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(str(out), cfg.format, s.base_model, s.method, info["size_mb"], time.time() - t0, quant, info["task"])
+
+def _calibration_data(task, origin:str, flags:list|None) -> str:
+    from vrnx_nb.training import RUN_TASK_FILE
+    where = {"run": f"kept with the run ({RUN_TASK_FILE})", "bundled": "bundled with vrnx_nb"}.get(origin, "given to export")
+    return f"train split of task {task.name!r}, {where}" + (f": {shlex.join(flags)}" if flags else "")
 
 def _task_source(name) -> str|None:
     if not name: return None
@@ -426,8 +497,25 @@ def serve_export(folder, # an export folder
     with local_teacher(str(folder), extra_args=extra, **kwargs) as endpoint: yield endpoint
 
 # %% ../nbs/10_deploy.ipynb #fe9a540b
+def _data_task(a) -> tuple:
+    "`(Task, flags)` from `vrnx export --data FILE ...`; kind and instruction default to the run's task."
+    from vrnx_nb.tasks import make_task
+    known = None
+    if a.run and not (a.kind and a.instruction):
+        try: known = export_task(a.run)[0]
+        except ValueError: pass
+    kind, instruction = a.kind or getattr(known, "kind", None), a.instruction or getattr(known, "instruction", None)
+    missing = [f for f, v in (("--kind", kind), ("--instruction", instruction)) if not v]
+    if missing: raise ValueError(f"--data {a.data}: pass {' and '.join(missing)} (the source records no task to take them from)")
+    name = a.task or Path(a.data).stem
+    task = make_task(name, a.data, kind, instruction, input_field=a.input_field, target_field=a.target_field)
+    flags = ["--data", str(a.data), "--input-field", a.input_field, "--target-field", a.target_field, "--kind", kind,
+             "--instruction", instruction] + (["--task", a.task] if a.task else [])
+    return task, flags
+
 def main_export(argv:list|None=None) -> int:
     "`vrnx export`: merge and export a run (or base model + adapter) as a merged, gptq, awq or bnb4 folder."
+    from vrnx_nb.tasks import KINDS
     p = argparse.ArgumentParser(prog="vrnx export", description="Merge an adapter and export a model folder (merged, gptq, awq, bnb4) with a model card.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="a finished run folder (from vrnx train)")
@@ -435,7 +523,14 @@ def main_export(argv:list|None=None) -> int:
     p.add_argument("--adapter", default=None, help="a peft adapter folder to merge into --model")
     p.add_argument("--format", default="merged", choices=list(FORMATS))
     p.add_argument("--out", default=None, help="output folder (default: <run>-<format>)")
-    p.add_argument("--task", default=None, help="task to calibrate gptq/awq on (default: the run's task)")
+    p.add_argument("--task", default=None,
+                   help="bundled task to calibrate gptq/awq on (default: the run's own task, kept in task.json); with --data: its name")
+    p.add_argument("--data", default=None,
+                   help="calibrate on this csv/tsv/jsonl/json file instead (split as make_task does, seed 0; train rows used)")
+    p.add_argument("--input-field", default="input", help="with --data: the input column")
+    p.add_argument("--target-field", default="target", help="with --data: the target column")
+    p.add_argument("--kind", default=None, choices=sorted(KINDS), help="with --data: the task kind (default: the run's)")
+    p.add_argument("--instruction", default=None, help="with --data: the instruction the model was trained with (default: the run's)")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=None)
@@ -445,8 +540,10 @@ def main_export(argv:list|None=None) -> int:
     a = p.parse_args(argv)
     if a.adapter and not a.model: p.error("--adapter needs --model (the adapter's base)")
     try:
-        res = export(a.run or a.adapter or a.model, a.format, a.out, task=a.task, base=a.model if a.adapter else None,
-                     overwrite=a.overwrite, dtype=a.dtype, bits=a.bits, group_size=a.group_size, n_calibration=a.n_calibration, max_seq_length=a.max_seq_length)
+        task, flags = _data_task(a) if a.data else (a.task, None)
+        res = export(a.run or a.adapter or a.model, a.format, a.out, task=task, base=a.model if a.adapter else None,
+                     overwrite=a.overwrite, task_flags=flags, dtype=a.dtype, bits=a.bits, group_size=a.group_size,
+                     n_calibration=a.n_calibration, max_seq_length=a.max_seq_length)
     except (ValueError, ImportError, FileExistsError) as e:
         print(f"vrnx export: error: {e}", file=sys.stderr); return 2
     print(f"{res.output_dir}: {res.format}, {res.size_mb:.1f} MB, {res.seconds:.1f} s")
