@@ -812,6 +812,7 @@ class Scores:
     confusion: list|None = None # classification: references x predictions in `labels` order (+ unmatched column if any)
     labels: list|None = None # classification: the label order of `per_label` and `confusion`
     warnings: list = field(default_factory=list) # e.g. a collapse to one label
+    calibrated: bool = False # classification decided by a validation-fitted rule (`vrnx_nb.calibration`), not the argmax
 
     @property
     def score(self) -> float: return self.metrics[self.metric]
@@ -829,7 +830,8 @@ class Scores:
         "One line: task, method, metrics with CIs (macro-F1 first on skewed labels), n, throughput; then the warnings."
         ms = ", ".join(f"{k} {self.metrics[k]:.3f} [{self.ci[k][0]:.3f}, {self.ci[k][1]:.3f}]" for k in self._metric_order())
         um = f", unmatched {self.unmatched}" if self.unmatched is not None else ""
-        line = f"{self.task} ({self.method or self.model}, {self.mode}): {ms}; n={self.n}{um}; {self.examples_per_s:.2f} ex/s"
+        how = f"{self.mode}, calibrated" if self.calibrated else self.mode
+        line = f"{self.task} ({self.method or self.model}, {how}): {ms}; n={self.n}{um}; {self.examples_per_s:.2f} ex/s"
         return line + "".join(f"\nwarning: {w}" for w in self.warnings) if warnings else line
 
     def to_dict(self) -> dict: return asdict(self)
@@ -844,6 +846,19 @@ def _write_predictions(path:Path, examples, raws, preds, per_example):
             if raw != p: row["generation"] = raw
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
+def _decision_rule(calibration, source, task):
+    "The `Calibration` to decide labels with: given, found in the run folder ('auto'), or None for the argmax."
+    from vrnx_nb.calibration import Calibration, load_calibration
+    if calibration is None or calibration is False: return None
+    if calibration == "auto":
+        folder = getattr(source, "output_dir", None) or (source if isinstance(source, (str, Path)) else None)
+        rule = load_calibration(folder) if folder is not None and Path(folder).expanduser().is_dir() else None
+    elif isinstance(calibration, Calibration): rule = calibration
+    else: raise ValueError(f"calibration: expected 'auto', a Calibration or None, got {type(calibration).__name__}")
+    if rule is not None and list(rule.labels) != list(task.labels):
+        raise ValueError(f"calibration: fitted for labels {rule.labels}, but task {task.name!r} has {task.labels}")
+    return rule
+
 def evaluate(model_or_result, # model name/folder, (model, tokenizer), or a training result (`.output_dir`)
              task, # a `Task` or a bundled task name
              split:str="test", # which split to score
@@ -856,6 +871,7 @@ def evaluate(model_or_result, # model name/folder, (model, tokenizer), or a trai
              mode:str|None=None, # 'loglik' (classification default) or 'generate'
              method:str|None=None, # row name in results tables; default: the result's method or 'zero-shot'
              progress:bool=False, # show a progress bar
+             calibration="auto", # label decisions: 'auto' (the run's calibration.json if any), a `Calibration`, or None (argmax)
             ) -> Scores:
     "Generate (or score labels) for `task`'s `split`; score it with CIs, per-label scores, confusion and warnings."
     if isinstance(task, str): task = load_task(task)
@@ -869,11 +885,12 @@ def evaluate(model_or_result, # model name/folder, (model, tokenizer), or a trai
     method = method or rmethod or "zero-shot"
     prompts = [render_prompt(task, e, tok) for e in examples]  # ValueError without a chat template
     if mode == "generate": max_new_tokens = max_new_tokens or default_max_new_tokens(task, tok)
-    t0 = time.perf_counter()
+    t0, rule = time.perf_counter(), None
     if mode == "loglik":
         comps = [render_pair(task, replace(examples[0], target=l), tok)["completion"] for l in task.labels]
         ll = label_logliks(model, tok, prompts, comps, batch_size)
-        raws = preds = [task.labels[j] for j in ll.argmax(1)]
+        rule = _decision_rule(calibration, model_or_result, task)
+        raws = preds = rule.decide(ll) if rule is not None else [task.labels[j] for j in ll.argmax(1)]
         max_new_tokens = None
     else:
         raws = generate_batched(model, tok, prompts, batch_size, max_new_tokens, progress=progress)
@@ -891,7 +908,7 @@ def evaluate(model_or_result, # model name/folder, (model, tokenizer), or a trai
         extra = dict(per_label=res["per_label"], confusion=res["confusion"], labels=res["labels"], warnings=[w] if w else [])
     return Scores(task.name, task.kind, task.metric, res["metrics"], res["ci"], len(examples), res.get("unmatched"),
                   len(examples)/seconds, seconds, str(path) if path else None, name, method, split, mode, batch_size, max_new_tokens,
-                  **extra)
+                  **extra, calibrated=rule is not None)
 
 # %% ../nbs/06_evaluation.ipynb #9f325535
 def _classification_parts(scores, who:str) -> tuple:
@@ -1032,6 +1049,7 @@ def main_eval(argv:list|None=None) -> int:
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", default=None, help="save a results chart (PNG) here")
+    p.add_argument("--no-calibration", action="store_true", help="classification: plain argmax even when a run holds calibration.json")
     a = p.parse_args(argv)
     targets = ([] if a.no_zero_shot and a.run else [(a.model, "zero-shot")]) + [(r, _run_method(r)) for r in a.run]
     names = [m for _, m in targets]
@@ -1041,7 +1059,9 @@ def main_eval(argv:list|None=None) -> int:
         for target, method in targets:
             loaded = load_for_eval(target)
             for t in a.task:
-                s = evaluate(loaded[:2], t, a.split, a.batch_size, a.max_new_tokens, a.limit, a.save_dir, a.n_boot, a.seed, a.mode, method)
+                rule = None if a.no_calibration else _decision_rule("auto", target, load_task(t))  # the run's own rule
+                s = evaluate(loaded[:2], t, a.split, a.batch_size, a.max_new_tokens, a.limit, a.save_dir, a.n_boot, a.seed, a.mode, method,
+                             calibration=rule)
                 s.model = str(target); runs.append(s)
                 print(s.summary(warnings=False), *(f"warning: {w}" for w in s.warnings), sep="\n", flush=True)
     except ValueError as e:
