@@ -16,12 +16,13 @@ import numpy as np
 __all__ = ['TASK_BUDGETS', 'TOKENS_PER_S', 'EXAMPLES_PER_S', 'EXP_METHODS', 'AUGMENT_DEFAULT', 'R_RANGE', 'RESULT_COLUMNS',
            'SYNTH_MAX_TOKENS', 'STATS', 'PAPER_CLAIMS', 'ExperimentConfig', 'format_metrics', 'parse_metrics',
            'read_results', 'append_result', 'find_result', 'synthetic_path', 'synthetic_examples', 'default_cache',
-           'run_experiment', 'method_grid', 'scaling_grid', 'rank_grid', 'run_grid', 'paper_table', 'experiment_table',
-           'with_ci', 'majority_share', 'runs_table', 'plot_scaling', 'plot_ranks', 'Multiplier',
-           'effective_multiplier', 'peak_share', 'main_experiment']
+           'run_experiment', 'method_grid', 'scaling_grid', 'rank_grid', 'balance_grid', 'run_grid', 'paper_table',
+           'experiment_table', 'with_ci', 'majority_share', 'runs_table', 'majority_macro_f1', 'skew_table',
+           'plot_skew', 'plot_scaling', 'plot_ranks', 'Multiplier', 'effective_multiplier', 'peak_share',
+           'main_experiment']
 
 # %% ../nbs/07_experiments.ipynb #525558da
-TASK_BUDGETS = {"legal":   dict(batch_size=8, max_steps=12, max_length=512, limit=100),
+TASK_BUDGETS = {"legal":   dict(batch_size=8, max_steps=12, max_length=512, limit=None), # legal: all 500 test clauses
                 "medical": dict(batch_size=8, max_steps=8, max_length=512, limit=100),
                 "finance": dict(batch_size=2, max_steps=4, max_length=1024, limit=32)}
 TOKENS_PER_S, EXAMPLES_PER_S = 76.0, {"legal": 1.0, "medical": 0.7, "finance": 0.15} # measured on 2 CPU cores, SmolLM2-135M
@@ -32,6 +33,8 @@ AUGMENT_DEFAULT = 32 # synthetic examples requested when augment=True (the local
 R_RANGE = (1, 256) # allowed LoRA rank / adapter width
 _TRAIN_FIELDS = ("r", "n_train", "augment", "epochs", "max_steps", "batch_size", "max_length", "learning_rate", "max_val_examples")
 _AUG_FIELDS = ("quality_threshold", "teacher")
+_OPTIONAL_FIELDS = ("balance", "calibrate", "fixed_steps") # left out of the key when off
+_EVAL_FIELDS = ("limit", "eval_mode", "calibrate")
 
 @functools.lru_cache(maxsize=None)
 def _task_kind(task:str) -> str:
@@ -58,6 +61,9 @@ class ExperimentConfig:
     eval_mode: str|None = None # 'loglik' or 'generate'; default: loglik for classification
     quality_threshold: float = 0.85 # synthetic examples kept at or above this quality score
     teacher: str = "smollm2-135m" # teacher model served locally for synthetic data
+    balance: str|None = None # 'oversample' or 'weight': lift rare labels in training (classification)
+    calibrate: bool = False # decide by per-label offsets fitted on validation (classification, label log-likelihood)
+    fixed_steps: bool = False # train exactly `max_steps` steps: no early stopping, keep the last step
 
     def __post_init__(self):
         from vrnx_nb.tasks import BUNDLED_TASKS, TASK_ALIASES
@@ -88,6 +94,12 @@ class ExperimentConfig:
         self.eval_mode = self.eval_mode or ("loglik" if kind == "classification" else "generate")
         if self.eval_mode not in ("loglik", "generate"): raise ValueError(f"ExperimentConfig.eval_mode: expected 'loglik' or 'generate', got {self.eval_mode!r}")
         if self.eval_mode == "loglik" and kind != "classification": raise ValueError(f"ExperimentConfig.eval_mode: 'loglik' needs a classification task; {self.task!r} is {kind}")
+        if (self.balance or self.calibrate) and kind != "classification":
+            raise ValueError(f"ExperimentConfig: balance and calibrate need a classification task; {self.task!r} is {kind}")
+        if self.balance is not None and self.balance not in ("oversample", "weight"):
+            raise ValueError(f"ExperimentConfig.balance: expected None, 'oversample' or 'weight', got {self.balance!r}")
+        if self.calibrate and self.eval_mode != "loglik": raise ValueError("ExperimentConfig.calibrate: needs eval_mode='loglik'")
+        if self.method == "zero-shot" and self.balance: raise ValueError("ExperimentConfig.balance: zero-shot does not train")
         self.r, self.n_train, self.augment, self.seed = int(self.r), int(self.n_train), int(self.augment), int(self.seed)
         self.epochs = float(self.epochs)
 
@@ -96,16 +108,22 @@ class ExperimentConfig:
         d = asdict(self)
         if self.method == "zero-shot": d = {k: v for k, v in d.items() if k not in _TRAIN_FIELDS + _AUG_FIELDS}
         elif not self.augment: d = {k: v for k, v in d.items() if k not in _AUG_FIELDS}
-        return d
+        return {k: v for k, v in d.items() if not (k in _OPTIONAL_FIELDS and v in (None, False))}  # keys of older runs hold
 
     def key(self) -> str:
         "Short stable hash of the normalized config."
         return hashlib.sha256(json.dumps(self.key_fields(), sort_keys=True, default=str).encode()).hexdigest()[:10]
 
+    def train_key(self) -> str:
+        "Hash of what is trained (not how it is scored): runs differing only in scoring share one training run."
+        d = {k: v for k, v in self.key_fields().items() if k not in _EVAL_FIELDS}
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
     @property
     def label(self) -> str:
         "Row name in tables: the method, '+ synthetic' when augmented."
-        return self.method + (" + synthetic" if self.augment else "")
+        return (self.method + (" + synthetic" if self.augment else "") + (f" + {self.balance}" if self.balance else "")
+                + (" + calibrated" if self.calibrate else ""))
 
 # %% ../nbs/07_experiments.ipynb #ae82c0c1
 RESULT_COLUMNS = [f.name for f in fields(ExperimentConfig)] + [
@@ -286,7 +304,7 @@ def run_experiment(cfg:ExperimentConfig, # the run
         STATS["cache_hits"] += 1
         return hit | {"cached": True}
     cache = Path(cache) if cache is not None else default_cache()
-    out = cache/"runs"/f"{cfg.task}-{cfg.method}-{key}"
+    out = cache/"runs"/f"{cfg.task}-{cfg.method}-{cfg.train_key()}"
     task = load_task(cfg.task, n_train=cfg.n_train, seed=cfg.seed)
     syn, meta = synthetic_examples(cfg, task, cache, teacher_fn) if cfg.augment else ([], {"generated": 0, "kept": 0})
     if cfg.augment and not meta.get("cached"): STATS["synthetic_generated"] += 1
@@ -297,15 +315,21 @@ def run_experiment(cfg:ExperimentConfig, # the run
     else:
         from vrnx_nb.training import finetune
         t0 = time.time()
+        steps = _steps(cfg, n_total)
+        fixed = dict(early_stopping_patience=None, eval_steps=steps) if cfg.fixed_steps else {}
         res = finetune(cfg.model, task, method=cfg.method, r=max(cfg.r, 1), learning_rate=cfg.learning_rate, epochs=cfg.epochs,
-                       batch_size=cfg.batch_size, max_steps=_steps(cfg, n_total), max_length=cfg.max_length, seed=cfg.seed,
-                       max_val_examples=cfg.max_val_examples, output_dir=str(out))
+                       batch_size=cfg.batch_size, max_steps=steps, max_length=cfg.max_length, seed=cfg.seed,
+                       max_val_examples=cfg.max_val_examples, output_dir=str(out), balance=cfg.balance, **fixed)
         STATS["finetune"] += 1
         train_s, steps, tokens, target = time.time() - t0, res.global_step, res.train_tokens, res
     from vrnx_nb.evaluation import evaluate
     t0 = time.time()
+    rule = None
+    if cfg.calibrate:
+        from vrnx_nb.calibration import calibrate
+        rule = calibrate(target, task)  # fitted on the val split, saved in the run folder
     s = evaluate(target, task, limit=cfg.limit, mode=cfg.eval_mode, n_boot=n_boot, seed=cfg.seed, method=cfg.label,
-                 save_dir=out if cfg.method != "zero-shot" else cache/"zero-shot"/key)
+                 save_dir=out if cfg.method != "zero-shot" else cache/"zero-shot"/key, calibration=rule)
     STATS["evaluate"] += 1
     lo, hi = s.ci[s.metric]
     row = asdict(cfg) | {"label": cfg.label, "key": key, "metric": s.metric, "score": float(s.score), "ci_low": float(lo), "ci_high": float(hi),
@@ -355,6 +379,21 @@ def rank_grid(task:str="legal", # the task
     "Configs for the rank sweep at one (or several) data sizes."
     sizes = (n_train,) if isinstance(n_train, int) else tuple(n_train)
     return [ExperimentConfig(task, method, r=r, n_train=n, seed=s, **kw) for s in seeds for n in sizes for r in ranks]
+
+def balance_grid(task:str="legal", # a classification task
+                 sizes=(50, 100, 200, 500), # real training examples per point
+                 balances=(None, "oversample"), # training without and with balancing
+                 calibrate=(False, True), # scoring by plain argmax and by the validation-fitted rule
+                 method:str="lora", # training method
+                 r:int=16, # LoRA rank
+                 max_steps:int=40, # optimizer steps of every run, whatever its size
+                 seeds=(0,), # one run per seed
+                 **kw, # more `ExperimentConfig` fields
+                ) -> list:
+    "Configs for skewed classification: sizes x balancing x calibration at one fixed number of steps, plus zero-shot."
+    zero = [ExperimentConfig(task, "zero-shot", n_train=sizes[0], seed=s, calibrate=c, **kw) for s in seeds for c in calibrate]
+    return zero + [ExperimentConfig(task, method, r=r, n_train=n, seed=s, balance=b, calibrate=c, max_steps=max_steps, epochs=1000.0,
+                                    fixed_steps=True, **kw) for s in seeds for n in sizes for b in balances for c in calibrate]
 
 def _errors_path(results_csv) -> Path: return Path(results_csv).with_suffix(".errors.jsonl")
 
@@ -474,6 +513,59 @@ def runs_table(results, # results CSV path or DataFrame
                          "score [95% CI]": [f"{m} {s:.3f} [{lo:.3f}, {hi:.3f}]" for m, s, lo, hi in zip(df["metric"], df["score"], df["ci_low"], df["ci_high"])],
                          "other metrics": df["other_metrics"].map(other)}).reset_index(drop=True)
 
+# %% ../nbs/07_experiments.ipynb #efaa7f6b
+def majority_macro_f1(task:str, # a bundled classification task
+                      limit:int|None=None, # test examples scored
+                     ) -> float:
+    "Macro-F1 of answering the majority label for every test example (the floor a collapsed model sits on)."
+    from vrnx_nb.tasks import load_task
+    from vrnx_nb.evaluation import classification_metrics
+    t = load_task(task)
+    if t.kind != "classification": raise ValueError(f"majority_macro_f1: {task!r} is {t.kind}, not classification")
+    test = t.test[:limit] if limit else t.test
+    top = Counter(e.target for e in t.train).most_common(1)[0][0]
+    return classification_metrics([top] * len(test), [e.target for e in test], t.labels, n_boot=1)["metrics"]["macro_f1"]
+
+def skew_table(results, # results CSV path or DataFrame
+               task:str="legal", # a classification task
+               metric:str="macro_f1", # read from `other_metrics` (or the main metric)
+              ) -> "pd.DataFrame":
+    "Data size x arm (balancing, calibration) table of `metric` with its 95% CI, for the runs of `balance_grid`."
+    import pandas as pd
+    df = _load(results).query("task == @task")
+    if df.empty: raise ValueError(f"skew_table: no results for task {task!r}")
+    def value(row):
+        if row["metric"] == metric: return row["score"], row["ci_low"], row["ci_high"]
+        return parse_metrics(row["other_metrics"]).get(metric, (np.nan, np.nan, np.nan))
+    vals = [value(r) for _, r in df.iterrows()]
+    df = df.assign(v=[v[0] for v in vals], lo=[v[1] for v in vals], hi=[v[2] for v in vals],
+                   n=np.where(df["method"] == "zero-shot", 0, df["n_train"]))
+    cell = df.groupby(["n", "label"])[["v", "lo", "hi"]].mean()
+    text = cell.apply(lambda r: f"{r.v:.3f} [{r.lo:.3f}, {r.hi:.3f}]", axis=1).unstack("label")
+    text.index.name = "n_train (0: zero-shot)"
+    text.attrs["values"] = cell
+    return text
+
+# %% ../nbs/07_experiments.ipynb #e398e3b6
+def plot_skew(results, # results CSV path or DataFrame
+              task:str="legal", # a classification task
+              path:str|Path|None=None, # save a PNG here
+             ):
+    "Macro-F1 against training examples for each arm of `balance_grid`, with 95% CI bands and the majority floor."
+    import matplotlib.pyplot as plt
+    cell = skew_table(results, task).attrs["values"].reset_index()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, g in cell.query("n > 0").groupby("label"):
+        g = g.sort_values("n")
+        ax.plot(g["n"], g["v"], marker="o", label=label); ax.fill_between(g["n"], g["lo"], g["hi"], alpha=0.15)
+    for label, g in cell.query("n == 0").groupby("label"):
+        ax.axhline(g["v"].iloc[0], ls=":", color="gray" if "calibrated" not in label else "purple", label=label)
+    ax.axhline(majority_macro_f1(task), ls="--", color="black", label="always the majority label")
+    ax.set(xscale="log", xlabel="training examples", ylabel="macro-F1 (test)", title=f"{task}: balancing and calibration (95% CI)")
+    ax.legend(fontsize=8, loc="upper left"); fig.tight_layout()
+    if path is not None: fig.savefig(path, dpi=150); plt.close(fig)
+    return fig
+
 # %% ../nbs/07_experiments.ipynb #e02daf52
 def _curve(df, x:str, hue:str) -> "pd.DataFrame":
     return df.groupby(["task", "metric", hue, x], as_index=False)[["score", "ci_low", "ci_high"]].mean().sort_values(x)
@@ -590,7 +682,8 @@ def peak_share(results, # results CSV path or DataFrame
 
 # %% ../nbs/07_experiments.ipynb #1a87d581
 def _grid_from_args(a) -> list:
-    kw = {k: getattr(a, k) for k in ("model", "max_steps", "batch_size", "epochs", "limit", "max_length", "quality_threshold", "teacher")
+    kw = {k: getattr(a, k) for k in ("model", "max_steps", "batch_size", "epochs", "limit", "max_length", "quality_threshold", "teacher",
+                                     "learning_rate")
           if getattr(a, k, None) is not None}
     if a.augment_count is not None: aug = a.augment_count
     else: aug = True
@@ -602,12 +695,16 @@ def _grid_from_args(a) -> list:
         if "max_steps" not in kw: kw["max_steps"] = 64
         return [replace(c, augment=aug) if c.augment else c for t in a.task
                 for c in scaling_grid(t, sizes=a.sizes, augment=(False, True) if not a.no_augment else (False,), method=a.method or "qlora", r=a.r or 16, seeds=a.seeds, **kw)]
+    if a.grid == "balance":
+        kw = {k: v for k, v in kw.items() if k != "epochs"}
+        return [c for t in a.task for c in balance_grid(t, sizes=a.sizes or (50, 100, 200, 500), method=a.method or "lora", r=a.r or 16,
+                                                         seeds=a.seeds, **({"max_steps": 40} | kw))]
     return [c for t in a.task for c in rank_grid(t, ranks=a.ranks, n_train=tuple(a.sizes) if a.sizes else (a.n_train or 50), method=a.method or "lora", seeds=a.seeds, **kw)]
 
 def main_experiment(argv:list|None=None) -> int:
     "`vrnx experiment`: run the method / scaling / rank grids into a results CSV; print the table; write the plots."
     p = argparse.ArgumentParser(prog="vrnx experiment", description=main_experiment.__doc__)
-    p.add_argument("grid", choices=["methods", "scaling", "ranks", "table", "plot"], help="which grid to run, or what to show")
+    p.add_argument("grid", choices=["methods", "scaling", "ranks", "balance", "table", "plot"], help="which grid to run, or what to show")
     p.add_argument("--task", nargs="+", default=None, help="tasks (default: all three for methods, legal otherwise)")
     p.add_argument("--results", default="experiments/results.csv", help="results CSV (default %(default)s)")
     p.add_argument("--cache", default=None, help="training outputs and synthetic data (default $VRNX_EXPERIMENTS_CACHE or ~/.cache/vrnx_nb/experiments)")
@@ -622,9 +719,10 @@ def main_experiment(argv:list|None=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--max-steps", type=int, default=None, help="cap on optimizer steps (default per task; 64 for scaling)")
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, dest="learning_rate", help="learning rate (default per method)")
     p.add_argument("--epochs", type=float, default=None, help="passes over the data, under the step cap (default 1)")
     p.add_argument("--max-length", type=int, default=None)
-    p.add_argument("--limit", type=int, default=None, help="test examples scored (default legal/medical 100, finance 32)")
+    p.add_argument("--limit", type=int, default=None, help="test examples scored (default legal all 500, medical 100, finance 32)")
     p.add_argument("--augment-count", type=int, default=None, help=f"synthetic examples requested by augmented runs (default {AUGMENT_DEFAULT})")
     p.add_argument("--no-augment", action="store_true", help="scaling grid without the augmented curve")
     p.add_argument("--quality-threshold", type=float, default=None)
