@@ -498,3 +498,18 @@ def test_cli_prints_warnings_after_the_summary(capsys):
     lines = capsys.readouterr().out.splitlines()
     i = next(k for k, l in enumerate(lines) if l.startswith("legal (zero-shot, loglik): "))
     assert lines[i + 1] == "warning: predicts 'Other' for 100% of the test examples (4 of 4)"
+
+
+def test_run_folder_calibration_is_applied(tmp_path):
+    "evaluate applies the calibration.json a run folder holds (and says so); calibration=None forces the argmax."
+    from vrnx_nb.training import finetune
+    from vrnx_nb.calibration import Calibration, save_calibration
+    task = load_task("legal", n_train=16)
+    run = finetune("tiny", task, method="lora", r=4, max_steps=1, batch_size=4, max_val_examples=4, output_dir=str(tmp_path/"run"))
+    last = task.labels[-1]
+    save_calibration(Calibration(task.labels, [0.0] * (len(task.labels) - 1) + [100.0]), run.output_dir)
+    auto = evaluate(run, task, limit=8, n_boot=50)
+    plain = evaluate(run, task, limit=8, n_boot=50, calibration=None)
+    assert auto.calibrated and not plain.calibrated
+    assert auto.per_label[last]["predicted"] == 8 and "calibrated" in auto.summary()
+    assert plain.per_label[last]["predicted"] < 8

@@ -177,3 +177,35 @@ def test_adapter_with_checkpointing_trains_and_reloads(task, tmp_path):
     trained, plain = per_example_loss(model, batch), per_example_loss(base, batch)
     assert max(abs(a - b) for a, b in zip(trained, plain)) > 1e-3  # the adapter changed the model
     assert per_example_loss(load_trained(tmp_path, device="cpu")[0], batch) == pytest.approx(trained, abs=1e-6)
+
+# --- balancing skewed labels ---
+
+def test_oversample_trainer_draws_rare_labels_more(tmp_path):
+    "With balance='oversample' the Trainer's own sampler draws rare-label clauses far above their share of the data."
+    from collections import Counter
+    from vrnx_nb.training import VrnxTrainer, label_balance_weights
+    t = load_task("legal", n_train=100)
+    targets = [e.target for e in t.train]
+    seen = Counter()
+    class Spy(PackedCollator):
+        def __call__(self, features):
+            seen.update(f["target"] for f in features); return super().__call__(features)
+    model, tok = tiny_model()
+    rows = [{**r, "target": e.target} for r, e in zip(tokenize_split(t, "train", tok)[0], t.train)]
+    from transformers import TrainingArguments
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=10, max_steps=1, report_to=[], use_cpu=True,
+                             remove_unused_columns=False, save_strategy="no", data_seed=0)
+    for weights in (None, label_balance_weights(targets, power=1.0)):
+        seen.clear()
+        trainer = VrnxTrainer(model=model, args=args, train_dataset=rows, data_collator=Spy(), sample_weights=weights)
+        for _ in range(3):
+            for batch in trainer.get_train_dataloader(): pass
+        share = 1 - seen["Other"] / sum(seen.values())
+        if weights is None: assert share < 0.25, seen       # 9 of 100 clauses are unfair
+        else: assert share > 0.6, seen                       # power 1: each label about 1/9 of the draws
+
+def test_balance_bad_input():
+    with pytest.raises(ValueError, match=r"balance: 'smote' is not one of \('oversample', 'weight'\) or None"):
+        TrainConfig(balance="smote")
+    with pytest.raises(ValueError, match=r"balance_power: expected a value in \(0, 1\], got 2"):
+        TrainConfig(balance="weight", balance_power=2)
