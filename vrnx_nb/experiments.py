@@ -439,6 +439,13 @@ def _load(results) -> "pd.DataFrame":
     import pandas as pd
     return results.copy() if isinstance(results, pd.DataFrame) else read_results(results)
 
+def _paper_runs(df) -> "pd.DataFrame":
+    "The runs of the paper's grids: those of the skewed-label grid (balanced, calibrated or fixed-step) left out."
+    keep = np.ones(len(df), dtype=bool)
+    for c in ("balance", "calibrate", "fixed_steps"):
+        if c in df: keep &= df[c].fillna("").astype(str).isin(["", "False", "None", "nan", "0", "0.0"]).to_numpy()
+    return df[keep]
+
 def _one_budget(df, x:str, need:int=2) -> "pd.DataFrame":
     "Per task, the runs of the training budget (max_steps) with the most distinct `x` values; tasks with fewer than `need` dropped."
     import pandas as pd
@@ -458,13 +465,14 @@ def experiment_table(results, # results CSV path or DataFrame
     "Paper Table 3.1 from the results: methods x tasks (percent), average, % of full fine-tuning (seeds averaged)."
     import pandas as pd
     from vrnx_nb.evaluation import results_table
-    df = _load(results)
+    df = _paper_runs(_load(results))
     if tasks is not None: df = df[df["task"].isin([tasks] if isinstance(tasks, str) else list(tasks))]
     if df.empty: raise ValueError("experiment_table: no results" + (f" for tasks {tasks}" if tasks is not None else ""))
     trained = df[df["method"] != "zero-shot"]
     if n_train is None and len(trained): n_train = int(trained["n_train"].mode().iloc[0])
     sel = df[(df["method"] == "zero-shot") | ((df["n_train"] == n_train) & df["r"].isin([0, r]))]
     sel = pd.concat([sel[sel["method"] == "zero-shot"], _one_budget(sel[sel["method"] != "zero-shot"], "label", need=1)])  # one training budget per task
+    sel = sel[sel["task"].isin(set(sel.loc[sel["method"] != "zero-shot", "task"]))]  # a task with no trained run has no column
     if sel.empty: raise ValueError(f"experiment_table: no runs with n_train={n_train} and r={r} (have n_train {sorted(set(df['n_train']))}, r {sorted(set(df['r']))})")
     order = {m: i for i, m in enumerate(EXP_METHODS)}
     sel = sel.sort_values("label", key=lambda s: s.map(lambda l: (order.get(l.split(" ")[0], 9), l)))
@@ -529,10 +537,12 @@ def majority_macro_f1(task:str, # a bundled classification task
 def skew_table(results, # results CSV path or DataFrame
                task:str="legal", # a classification task
                metric:str="macro_f1", # read from `other_metrics` (or the main metric)
+               learning_rate:float|None=None, # trained runs at this learning rate only (zero-shot rows always kept)
               ) -> "pd.DataFrame":
     "Data size x arm (balancing, calibration) table of `metric` with its 95% CI, for the runs of `balance_grid`."
     import pandas as pd
     df = _load(results).query("task == @task")
+    if learning_rate is not None: df = df[(df["method"] == "zero-shot") | np.isclose(df["learning_rate"].astype(float), learning_rate)]
     if df.empty: raise ValueError(f"skew_table: no results for task {task!r}")
     def value(row):
         if row["metric"] == metric: return row["score"], row["ci_low"], row["ci_high"]
@@ -550,10 +560,11 @@ def skew_table(results, # results CSV path or DataFrame
 def plot_skew(results, # results CSV path or DataFrame
               task:str="legal", # a classification task
               path:str|Path|None=None, # save a PNG here
+              learning_rate:float|None=None, # trained runs at this learning rate only
              ):
     "Macro-F1 against training examples for each arm of `balance_grid`, with 95% CI bands and the majority floor."
     import matplotlib.pyplot as plt
-    cell = skew_table(results, task).attrs["values"].reset_index()
+    cell = skew_table(results, task, learning_rate=learning_rate).attrs["values"].reset_index()
     fig, ax = plt.subplots(figsize=(8, 5))
     for label, g in cell.query("n > 0").groupby("label"):
         g = g.sort_values("n")
@@ -595,7 +606,7 @@ def plot_scaling(results, # results CSV path or DataFrame
                  method:str|None=None, # which method's curves; default the most common among augmented runs
                 ):
     "Score vs training examples, with and without synthetic data (95% CI bands), one panel per task."
-    df = _load(results); df = df[df["method"] != "zero-shot"]
+    df = _paper_runs(_load(results)); df = df[df["method"] != "zero-shot"]
     if method is None:
         pool = df[df["augment"] > 0] if (df["augment"] > 0).any() else df
         if pool.empty: raise ValueError("plot_scaling: no trained runs")
@@ -612,7 +623,7 @@ def plot_ranks(results, # results CSV path or DataFrame
                method:str="lora", # which method's ranks
               ):
     "Score vs LoRA rank, one line per data size (95% CI bands), one panel per task."
-    df = _load(results); df = _one_budget(df[(df["method"] == method) & (df["augment"] == 0)], "r")
+    df = _paper_runs(_load(results)); df = _one_budget(df[(df["method"] == method) & (df["augment"] == 0)], "r")
     if df.empty: raise ValueError(f"plot_ranks: {method} has no task with runs at 2 or more ranks on one training budget")
     return _line_panels(_curve(df, "r", "n_train"), "r", "n_train", lambda n: f"n_train={n}", "rank r",
                         f"Rank sweep ({method}, no synthetic data; 95% bootstrap CI)", path, 2)
@@ -641,7 +652,7 @@ def effective_multiplier(results, # results CSV path or DataFrame
                          max_steps:int|None=None, # training budget compared; default the largest among those augmented runs
                         ) -> Multiplier:
     "How many real examples (no augmentation) reach the score of `n_seeds` examples + synthetic, divided by `n_seeds`."
-    df = _load(results); df = df[(df["task"] == task) & (df["method"] != "zero-shot")]
+    df = _paper_runs(_load(results)); df = df[(df["task"] == task) & (df["method"] != "zero-shot")]
     aug = df[df["augment"] > 0]
     if aug.empty: raise ValueError(f"effective_multiplier: no augmented runs of {task!r} in the results")
     method = method or aug["method"].mode().iloc[0]
@@ -673,7 +684,7 @@ def peak_share(results, # results CSV path or DataFrame
                n_train:int=50, # data size of the augmented run
               ) -> float:
     "Best augmented score at `n_train` as a share (%) of the best score of any trained run of `task` (the paper: > 85% at 50)."
-    df = _load(results); df = df[(df["task"] == task) & (df["method"] != "zero-shot")]
+    df = _paper_runs(_load(results)); df = df[(df["task"] == task) & (df["method"] != "zero-shot")]
     a = df[(df["augment"] > 0) & (df["n_train"] == n_train)]
     if a.empty: raise ValueError(f"peak_share: no augmented run of {task!r} with n_train={n_train}")
     point = a.groupby(["method", "r", "max_steps"], dropna=False)["score"].mean().max()  # seeds averaged within one budget
@@ -770,7 +781,8 @@ def _write_plots(a) -> int:
     df, written = read_results(a.results), []
     from vrnx_nb.evaluation import plot_results
     for name, make in (("methods.png", lambda p: plot_results(experiment_table(df, n_train=a.n_train, r=a.r or 16, with_paper=False), p)),
-                       ("scaling.png", lambda p: plot_scaling(df, p)), ("ranks.png", lambda p: plot_ranks(df, p))):
+                       ("scaling.png", lambda p: plot_scaling(df, p)), ("ranks.png", lambda p: plot_ranks(df, p)),
+                       ("skew.png", lambda p: plot_skew(df, "legal", p, learning_rate=a.learning_rate))):
         try: make(out/name); written.append(str(out/name))
         except ValueError as e: print(f"skipped {name}: {e}")
     print("wrote " + (", ".join(written) if written else "nothing"))

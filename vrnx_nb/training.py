@@ -342,6 +342,8 @@ class QuietProgressCallback(ProgressCallback):
         if state.is_world_process_zero and self.training_bar is not None and logs:
             shown = {k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "eval_loss") and isinstance(v, float)}
             if shown: self.training_bar.set_postfix(shown, refresh=False)
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kw): pass  # no second bar for a short validation pass
+    def on_evaluate(self, args, state, control, **kw): pass
 
 # %% ../nbs/05_training.ipynb #3fac57f0
 @dataclass
