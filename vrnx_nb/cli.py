@@ -67,7 +67,7 @@ def _demo_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-gb", type=float, default=None, help="GPU memory budget; default: plan for this machine")
     p.add_argument("--augment", type=int, default=0, help="synthetic examples to request from the local teacher (0: skip; slow on a CPU)")
     p.add_argument("--method", default=None, help="override the recommended method (full, lora, qlora, adapter)")
-    p.add_argument("--max-steps", type=int, default=14, help="optimizer steps (a short CPU run)")
+    p.add_argument("--max-steps", type=int, default=25, help="optimizer steps (a short CPU run)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate: a short run needs a high one (legal, 40 steps: "
                    "1e-3 beat 3e-4, experiments/results.csv); None: the strategy's")
     p.add_argument("--eval-limit", type=int, default=None, help="test examples to score (default: the whole test split)")

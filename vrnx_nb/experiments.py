@@ -603,14 +603,14 @@ def _line_panels(df, x:str, hue:str, hue_name, xlabel:str, title:str, path, logx
 
 def plot_scaling(results, # results CSV path or DataFrame
                  path:str|Path|None=None, # save a PNG here
-                 method:str|None=None, # which method's curves; default the most common among augmented runs
+                 method:str|None=None, # which method's curves; default the one with the most data sizes (augmented runs first)
                 ):
     "Score vs training examples, with and without synthetic data (95% CI bands), one panel per task."
     df = _paper_runs(_load(results)); df = df[df["method"] != "zero-shot"]
     if method is None:
         pool = df[df["augment"] > 0] if (df["augment"] > 0).any() else df
         if pool.empty: raise ValueError("plot_scaling: no trained runs")
-        method = pool["method"].mode().iloc[0]
+        method = pool.groupby("method")["n_train"].nunique().idxmax()  # the method with the most data sizes
     df = df[df["method"] == method]
     if len(df): r = df["r"].mode().iloc[0]; df = _one_budget(df[df["r"] == r], "n_train")
     if df.empty: raise ValueError(f"plot_scaling: {method} has no task with runs at 2 or more data sizes on one training budget")
