@@ -551,8 +551,13 @@ def skew_table(results, # results CSV path or DataFrame
     df = df.assign(v=[v[0] for v in vals], lo=[v[1] for v in vals], hi=[v[2] for v in vals],
                    n=np.where(df["method"] == "zero-shot", 0, df["n_train"]))
     cell = df.groupby(["n", "label"])[["v", "lo", "hi"]].mean()
-    text = cell.apply(lambda r: f"{r.v:.3f} [{r.lo:.3f}, {r.hi:.3f}]", axis=1).unstack("label")
-    text.index.name = "n_train (0: zero-shot)"
+    arm = df["balance"].fillna("").astype(str).replace({"": "no balancing", "None": "no balancing", "nan": "no balancing"})
+    df = df.assign(column=arm + ", " + np.where(df["label"].str.endswith("calibrated"), "calibrated", "argmax"),
+                   row=np.where(df["method"] == "zero-shot", "zero-shot", df["n_train"].astype(str)))
+    grid = df.groupby(["row", "column"])[["v", "lo", "hi"]].mean()
+    text = grid.apply(lambda r: f"{r.v:.3f} [{r.lo:.3f}, {r.hi:.3f}]", axis=1).unstack("column").fillna("not run")
+    text = text.loc[sorted(text.index, key=lambda r: -1 if r == "zero-shot" else int(r))]
+    text.index.name, text.columns.name = "training examples", f"{metric} (95% CI)"
     text.attrs["values"] = cell
     return text
 
