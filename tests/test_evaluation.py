@@ -513,3 +513,9 @@ def test_run_folder_calibration_is_applied(tmp_path):
     assert auto.calibrated and not plain.calibrated
     assert auto.per_label[last]["predicted"] == 8 and "calibrated" in auto.summary()
     assert plain.per_label[last]["predicted"] < 8
+
+
+def test_calibration_argument_of_the_wrong_type():
+    "A calibration that is neither 'auto', a Calibration nor None is refused, naming what was expected."
+    with pytest.raises(ValueError, match=r"calibration: expected 'auto', a Calibration or None, got dict"):
+        evaluate(tiny_model(), load_task("legal", n_train=16), limit=2, calibration={"offsets": [0.0]})

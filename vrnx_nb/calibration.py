@@ -52,11 +52,9 @@ class Calibration:
 def macro_f1_codes(refs:np.ndarray, # reference label indices
                    preds:np.ndarray, # predicted label indices
                   ) -> float:
-    "Macro-F1 over the labels that occur in the references or the predictions."
-    classes = np.union1d(refs, preds)
-    tp = np.array([np.sum((refs == c) & (preds == c)) for c in classes])
-    denom = np.array([np.sum(refs == c) + np.sum(preds == c) for c in classes])
-    return float(np.mean(2 * tp / np.maximum(denom, 1)))
+    "Macro-F1 over the labels that occur in the references or the predictions (`evaluate`'s own definition)."
+    from vrnx_nb.evaluation import _macro_f1
+    return _macro_f1(np.stack([refs, preds], axis=1))
 
 def _sweep_offsets(s:np.ndarray, refs:np.ndarray, sweeps:int) -> tuple[np.ndarray, float]:
     "Coordinate ascent of per-label offsets on scores `s` for macro-F1."
@@ -128,15 +126,12 @@ def load_calibration(folder, # a run or export folder
 def label_token_lengths(task, # a classification `Task`
                         tokenizer, # the model's tokenizer
                        ) -> list:
-    "Tokens scored per label: its completion up to and including the first end-of-turn token."
+    "Tokens scored per label, as `label_logliks` scores them (up to and including the first end-of-turn token)."
     from dataclasses import replace
     from vrnx_nb.tasks import render_pair
-    from vrnx_nb.evaluation import stop_token_ids
-    stop, ex, out = stop_token_ids(tokenizer), task.examples[0], []
-    for l in task.labels:
-        ids = tokenizer(render_pair(task, replace(ex, target=l), tokenizer)["completion"], add_special_tokens=False)["input_ids"]
-        out.append(next((k + 1 for k, t in enumerate(ids) if t in stop), len(ids)))
-    return out
+    from vrnx_nb.evaluation import scored_completion_ids
+    comps = [render_pair(task, replace(task.examples[0], target=l), tokenizer)["completion"] for l in task.labels]
+    return [len(ids) for ids in scored_completion_ids(tokenizer, comps)]
 
 def task_logliks(model, tokenizer, # a causal LM and its tokenizer
                  task, # a classification `Task`

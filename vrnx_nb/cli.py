@@ -133,13 +133,18 @@ def main_demo(argv:list|None=None) -> int:
     print(f"[5/6] Fine-tuning: {kwargs}")
     result = finetune(args.model, task, output_dir=str(out/f"run-{kwargs['method']}"), overwrite=True, resume=False, **kwargs)
     print(f"  {result!r}")
-    if classify:
-        rule = calibrate(result, task)
+    target = result
+    if classify:  # the fine-tuned model is loaded once, to calibrate and to score
+        from vrnx_nb.calibration import save_calibration
+        from vrnx_nb.evaluation import load_for_eval
+        target = load_for_eval(result)[:2]
+        rule = calibrate(target, task)
+        save_calibration(rule, result.output_dir)  # kept with the run: `evaluate`, `vrnx eval` and exports apply it
         form = "per-token log-likelihood" if rule.normalize else "total log-likelihood"
         print(f"  Calibrated on {rule.n} validation examples ({form} + per-label offsets): "
               f"validation macro-F1 {rule.argmax_macro_f1:.3f} -> {rule.fitted_macro_f1:.3f}")
     label = kwargs["method"] + (f" + {kwargs['balance']}" if kwargs.get("balance") else "") + (" + calibrated" if classify else "")
-    tuned = evaluate(result, task, limit=args.eval_limit, save_dir=out, method=label)
+    tuned = evaluate(target, task, limit=args.eval_limit, save_dir=out, method=label, calibration=rule if classify else None)
     print(f"\n[6/6] Fine-tuned score:\n  {tuned.summary()}\n")
     rows = {s.method: {"score [95% CI]": _headline(s), "n": s.n} for s in (zero, tuned)}
     table = pd.DataFrame.from_dict(rows, orient="index").rename_axis("method")
@@ -148,10 +153,8 @@ def main_demo(argv:list|None=None) -> int:
     key = "macro_f1" if "macro_f1" in tuned.metrics else tuned.metric
     print(f"\n{_gain(zero, tuned, key)}")
     if classify:
-        from vrnx_nb.evaluation import classification_metrics
-        refs = [e.target for e in task.test[:args.eval_limit]]
-        top = task.label_counts().most_common(1)[0][0]
-        floor = classification_metrics([top] * len(refs), refs, task.labels, n_boot=1)["metrics"]["macro_f1"]
+        from vrnx_nb.experiments import majority_macro_f1
+        top, floor = task.label_counts().most_common(1)[0][0], majority_macro_f1(args.task, args.eval_limit)
         verdict = "above it" if tuned.ci[key][0] > floor else "not above it: the model has not learned the rare labels"
         print(f"Always answering {top!r} scores macro_f1 {floor:.3f} on these examples; the fine-tuned lower bound is {verdict}")
     print(f"Predictions, run and results in {out} ({time.time()-t0:.0f}s in all)")

@@ -17,8 +17,9 @@ from .tasks import Task, Example, load_task, render_prompt, render_pair
 __all__ = ['SCALES', 'METRICS', 'METRIC_LABELS', 'TASK_ORDER', 'FULL_NAMES', 'bootstrap_ci', 'match_label',
            'classification_metrics', 'collapse_warning', 'is_skewed', 'rouge_metrics', 'scale_factor', 'is_number',
            'to_number', 'tatqa_normalize', 'tatqa_answer_strings', 'parse_tatqa_answer', 'tatqa_em_f1', 'task_metrics',
-           'stop_token_ids', 'generate_batched', 'label_logliks', 'load_for_eval', 'default_max_new_tokens', 'Scores',
-           'evaluate', 'per_label_table', 'plot_confusion', 'results_table', 'plot_results', 'main_eval']
+           'stop_token_ids', 'generate_batched', 'scored_completion_ids', 'label_logliks', 'load_for_eval',
+           'default_max_new_tokens', 'Scores', 'evaluate', 'per_label_table', 'plot_confusion', 'results_table',
+           'plot_results', 'main_eval']
 
 # %% ../nbs/06_evaluation.ipynb #a0e4da6e
 def bootstrap_ci(data, # per-example values (n,) or rows (n, k) that `stat` reads
@@ -126,11 +127,13 @@ def collapse_warning(predictions:list, # predicted labels (None = matched no lab
             f"{who} is {_pct(top_n/len(references))} of the references")
 
 def is_skewed(counts, # reference labels (a list) or label -> count (a dict)
-              share:float=0.6, # skewed when the largest label is above this share of the split
-              ratio:float=3.0, # ... or above `ratio` times the smallest label present
+              share:float|None=None, # skewed when the largest label is above this share; default `recommend.SKEW_SHARE`
+              ratio:float|None=None, # ... or above `ratio` times the smallest label present; default `recommend.SKEW_RATIO`
              ) -> bool:
-    "True when the label distribution is skewed enough that accuracy should not be read first."
+    "True when the label distribution is skewed enough that accuracy should not be read first (the rule `recommend` balances by)."
     from collections import Counter
+    from vrnx_nb.recommend import SKEW_SHARE, SKEW_RATIO
+    share, ratio = share or SKEW_SHARE, ratio or SKEW_RATIO
     c = [v for v in (counts if isinstance(counts, dict) else Counter(counts)).values() if v > 0]
     if not c: return False
     return max(c) > share*sum(c) or max(c) > ratio*min(c)
@@ -684,6 +687,18 @@ def generate_batched(model, tokenizer, # a causal LM and its tokenizer
     return ids if return_ids else [tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]
 
 # %% ../nbs/06_evaluation.ipynb #dec6d8cd
+def scored_completion_ids(tokenizer, # the model's tokenizer
+                          completions:list, # one continuation text per label
+                          model=None, # adds the model's own end tokens
+                         ) -> list:
+    "Token ids `label_logliks` scores for each completion: up to and including its first end-of-turn token."
+    stop, out = stop_token_ids(tokenizer, model), []
+    for c in completions:
+        ids = tokenizer(c, add_special_tokens=False)["input_ids"]
+        if not ids: raise ValueError(f"label_logliks: completion {c!r} tokenizes to nothing")
+        out.append(ids[:next((k+1 for k, t in enumerate(ids) if t in stop), len(ids))])  # what follows end-of-turn is not scored
+    return out
+
 def _packed_completions(comp:list, dev):
     "All completions' tokens (but each one's last) in one row: ids, next-token targets, label index, offset, block-causal mask."
     rows = [(c[k], c[k+1], j, k) for j, c in enumerate(comp) for k in range(len(c) - 1)]
@@ -703,11 +718,7 @@ def label_logliks(model, tokenizer, # a causal LM and its tokenizer
     if not completions: raise ValueError("label_logliks: no completions (empty label set)")
     dev, arg = _first_param(model).device, _cache_arg(model)
     enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    stop, comp = stop_token_ids(tokenizer, model), []
-    for c in completions:
-        ids = tokenizer(c, add_special_tokens=False)["input_ids"]
-        if not ids: raise ValueError(f"label_logliks: completion {c!r} tokenizes to nothing")
-        comp.append(ids[:next((k+1 for k, t in enumerate(ids) if t in stop), len(ids))])  # what follows end-of-turn is not scored
+    comp = scored_completion_ids(tokenizer, completions, model)
     C = len(comp)
     heads = torch.tensor([c[0] for c in comp], device=dev)
     ids, tgt, seg, off, see = _packed_completions(comp, dev)

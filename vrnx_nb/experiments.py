@@ -325,9 +325,12 @@ def run_experiment(cfg:ExperimentConfig, # the run
     from vrnx_nb.evaluation import evaluate
     t0 = time.time()
     rule = None
-    if cfg.calibrate:
-        from vrnx_nb.calibration import calibrate
-        rule = calibrate(target, task)  # fitted on the val split, saved in the run folder
+    if cfg.calibrate:  # fitted on the val split and saved in the run folder; the model is loaded once for both passes
+        from vrnx_nb.calibration import calibrate, save_calibration
+        from vrnx_nb.evaluation import load_for_eval
+        target = load_for_eval(target)[:2]
+        rule = calibrate(target, task)
+        if cfg.method != "zero-shot": save_calibration(rule, out)
     s = evaluate(target, task, limit=cfg.limit, mode=cfg.eval_mode, n_boot=n_boot, seed=cfg.seed, method=cfg.label,
                  save_dir=out if cfg.method != "zero-shot" else cache/"zero-shot"/key, calibration=rule)
     STATS["evaluate"] += 1
