@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest, torch
 from vrnx_nb.models import tiny_model
 from vrnx_nb.tasks import load_task, render_pair, Task, Example
-from vrnx_nb.training import (finetune, TrainConfig, tokenize_example, tokenize_split, PackedCollator, PaddedCollator,
+from vrnx_nb.training import (finetune, TrainConfig, tokenize_example, tokenize_split, PackedCollator, PaddedCollator, ONE_ROW, pack_rows,
                               per_example_loss, load_trained, TrainResult, RUN_FILE)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,14 +41,16 @@ def test_packed_loss_equals_each_alone(tiny, task):
     rows, _ = tokenize_split(task, "train", tok, limit=3)
     model.train()  # the training path: no cache, packed rows
     try:
-        packed = per_example_loss(model, PackedCollator()(rows))
+        packed = per_example_loss(model, PackedCollator(ONE_ROW)(rows))
+        rowed = per_example_loss(model, PackedCollator(pad_token_id=tok.pad_token_id)(rows))
         alone = [per_example_loss(model, PackedCollator()([r]))[0] for r in rows]
         padded = per_example_loss(model, PaddedCollator(tok.pad_token_id)(rows))
     finally: model.eval()
     assert packed == pytest.approx(alone, abs=1e-4)
     assert padded == pytest.approx(alone, abs=1e-4)
+    assert sorted(rowed) == pytest.approx(sorted(alone), abs=1e-4)
     # and the boundaries matter: as one plain sequence the second example would see the first one
-    batch = PackedCollator()(rows[:2]); n0 = len(rows[0]["input_ids"]); lab = batch["labels"][0]
+    batch = PackedCollator(ONE_ROW)(rows[:2]); n0 = len(rows[0]["input_ids"]); lab = batch["labels"][0]
     with torch.no_grad(): logits = model(input_ids=batch["input_ids"], use_cache=False).logits[0].float()
     tok_loss = torch.nn.functional.cross_entropy(logits[:-1], lab[1:], ignore_index=-100, reduction="none")
     second = tok_loss[n0:][lab[n0+1:] != -100].mean().item()
@@ -57,9 +59,22 @@ def test_packed_loss_equals_each_alone(tiny, task):
 def test_packed_batch_has_no_padding(tiny, task):
     _, tok = tiny
     rows, _ = tokenize_split(task, "train", tok, limit=4)
-    b = PackedCollator()(rows)
+    b = PackedCollator(ONE_ROW)(rows)
     assert b["input_ids"].shape == (1, sum(len(r["input_ids"]) for r in rows))
     assert (b["position_ids"][0] == 0).sum() == 4
+
+def test_rows_no_longer_than_the_longest_example(tiny, task):
+    _, tok = tiny
+    long, *short = tokenize_split(task, "train", tok, limit=4)[0]
+    short = [{"input_ids": r["input_ids"][-20:], "labels": r["labels"][-20:]} for r in short]  # completions kept
+    rows = [long] + short
+    lengths = [len(r["input_ids"]) for r in rows]
+    b = PackedCollator(pad_token_id=tok.pad_token_id)(rows)
+    assert tuple(b["input_ids"].shape) == (2, max(lengths))  # the long one alone, the three short ones together
+    assert int((b["labels"] != -100).sum()) == sum(sum(x != -100 for x in r["labels"]) for r in rows)
+    assert int(b["real_tokens"]) == sum(lengths)
+    assert int((b["position_ids"] == 0).sum()) == len(rows) + 1  # each example starts a sequence, and the pads
+    assert pack_rows([10, 10, 25], 20) == [[0, 1], [2]]
 
 # --- bad input ---
 

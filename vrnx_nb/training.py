@@ -15,12 +15,13 @@ from .models import quiet_libraries
 quiet_libraries()  # before transformers and peft are imported
 
 # %% auto #0
-__all__ = ['METHODS', 'BALANCE_MODES', 'DEFAULT_LR', 'ADAPTER_CONFIG_NAME', 'ADAPTER_WEIGHTS_NAME', 'ADAPTER_TARGETS',
+__all__ = ['METHODS', 'BALANCE_MODES', 'DEFAULT_LR', 'ADAPTER_CONFIG_NAME', 'ADAPTER_WEIGHTS_NAME', 'ADAPTER_TARGETS', 'ONE_ROW',
            'LOG_FIELDS', 'RUN_FILE', 'RUN_TASK_FILE', 'TrainConfig', 'BottleneckConfig', 'BottleneckLayer',
-           'BottleneckModel', 'tokenize_example', 'tokenize_split', 'PackedCollator', 'PaddedCollator',
-           'per_example_loss', 'label_balance_weights', 'balanced_sampler', 'completion_positions', 'completion_loss',
-           'CSVLogCallback', 'QuietProgressCallback', 'TrainResult', 'bnb_config', 'build_model', 'VrnxTrainer',
-           'save_run_task', 'load_run_task', 'finetune', 'load_trained', 'merge_and_save', 'main_train']
+           'BottleneckModel', 'tokenize_example', 'tokenize_split', 'pack_rows', 'PackedCollator', 'PaddedCollator',
+           'per_example_loss', 'varlen_attention', 'train_collator', 'label_balance_weights', 'balanced_sampler',
+           'completion_positions', 'completion_loss', 'CSVLogCallback', 'QuietProgressCallback', 'TrainResult',
+           'bnb_config', 'build_model', 'VrnxTrainer', 'save_run_task', 'load_run_task', 'finetune', 'load_trained',
+           'merge_and_save', 'main_train']
 
 # %% ../nbs/05_training.ipynb #fc51ac43
 METHODS = ("full", "lora", "qlora", "adapter")
@@ -34,18 +35,18 @@ class TrainConfig:
     method: str = "qlora" # 'full', 'lora', 'qlora' or 'adapter'
     r: int = 16 # LoRA rank; bottleneck width for 'adapter'
     lora_alpha: int|None = None # LoRA scaling numerator; default 2*r
-    lora_dropout: float = 0.05 # dropout on the LoRA / adapter input
+    lora_dropout: float = 0.0 # dropout on the LoRA / adapter input (0: on the CPU a mask per input is 15% of a step)
     target_modules: str|list = "all-linear" # LoRA targets; for 'adapter' the attention and MLP output layers are found
     learning_rate: float|None = None # default per method (`DEFAULT_LR`)
     epochs: float = 3 # passes over the train split (early stopping may end sooner)
-    batch_size: int = 8 # examples per device per step (packed into one row)
+    batch_size: int = 8 # examples per device per step
     grad_accum: int = 1 # gradient accumulation steps
     max_steps: int|None = None # stop after this many optimizer steps (overrides epochs)
     gradient_checkpointing: bool = False # trade compute for activation memory
     early_stopping_patience: int|None = 3 # evaluations without val-loss improvement before stopping; None: never stop early
     eval_steps: int|None = None # evaluate (and checkpoint) every this many steps; default twice per epoch
     max_length: int|None = None # truncate examples to this many tokens; default the model's context
-    packing: bool = True # padding-free packing; False: length-grouped dynamic padding
+    packing: bool|None = None # True: one padding-free row; False: length-grouped padded rows; None: by attention kernel
     max_val_examples: int|None = None # evaluate on at most this many validation examples
     warmup_ratio: float = 0.05 # share of steps with a rising learning rate
     weight_decay: float = 0.0 # AdamW weight decay
@@ -228,21 +229,46 @@ def tokenize_split(task, split:str, tokenizer, max_length:int|None=None, limit:i
     return rows, n_cut
 
 # %% ../nbs/05_training.ipynb #6ec0ecd9
+ONE_ROW = 10**9 # `PackedCollator(row_tokens=ONE_ROW)`: the whole batch in one padding-free row
+
+def pack_rows(lengths:list[int], # tokens of each example
+              row_tokens:int, # longest row allowed (an example longer than this gets a row of its own)
+             ) -> list[list[int]]:
+    "Example indices per row: first-fit decreasing, rows of at most `row_tokens` tokens."
+    rows, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        j = next((j for j, r in enumerate(room) if lengths[i] <= r), None)
+        if j is None: rows.append([i]); room.append(row_tokens - lengths[i])
+        else: rows[j].append(i); room[j] -= lengths[i]
+    return sorted(sorted(r) for r in rows)  # input order within and across rows
+
 class PackedCollator:
-    "Concatenate a batch into one row with per-example `position_ids` (padding-free)."
-    def __init__(self):
-        from transformers import DataCollatorWithFlattening
-        self.flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    "Pack a batch into rows (per-example `position_ids`), right-padded to the longest row, labels -100 on pads."
+    def __init__(self, row_tokens:int|None=None, # longest row; None: the batch's longest example; `ONE_ROW`: one row
+                 pad_token_id:int=0, # fills the end of shorter rows (carries no loss, attends to nothing before it)
+                ): self.row_tokens, self.pad = row_tokens, pad_token_id
     def __call__(self, features):
-        batch = self.flatten([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
+        lengths = [len(f["input_ids"]) for f in features]
+        rows = pack_rows(lengths, self.row_tokens or max(lengths))
+        n = max(sum(lengths[i] for i in r) for r in rows)
+        cat = lambda r, key, fill: [x for i in r for x in features[i][key]] + [fill] * (n - sum(lengths[i] for i in r))
+        batch = {"input_ids": torch.tensor([cat(r, "input_ids", self.pad) for r in rows]),
+                 "labels": torch.tensor([cat(r, "labels", -100) for r in rows]), "use_cache": False,
+                 "real_tokens": torch.tensor(sum(lengths))}
+        if any(len(r) > 1 for r in rows):  # pads restart at 0: a sequence of their own
+            pos = lambda r: [p for i in r for p in range(lengths[i])] + list(range(n - sum(lengths[i] for i in r)))
+            batch["position_ids"] = torch.tensor([pos(r) for r in rows])
         if "weight" in features[0]:  # per-example loss weight, repeated over its tokens
-            batch["token_weights"] = torch.tensor([[f["weight"] for f in features for _ in f["input_ids"]]])
-        batch["use_cache"] = False
+            w = lambda r: [features[i]["weight"] for i in r for _ in range(lengths[i])] + [0.0] * (n - sum(lengths[i] for i in r))
+            batch["token_weights"] = torch.tensor([w(r) for r in rows])
         return batch
 
+
 class PaddedCollator:
-    "Pad a batch to its longest example (right padding, labels -100 on pads)."
-    def __init__(self, pad_token_id:int): self.pad = pad_token_id
+    "Pad a batch to its longest example (right padding, labels -100 on pads); the causal mask alone is exact."
+    def __init__(self, pad_token_id:int, # the tokenizer's pad id
+                 attention_mask:bool=False, # also return the padding mask (not needed: pads follow every real token)
+                ): self.pad, self.with_mask = pad_token_id, attention_mask
     def __call__(self, features):
         n = max(len(f["input_ids"]) for f in features)
         ids = torch.full((len(features), n), self.pad, dtype=torch.long)
@@ -251,25 +277,35 @@ class PaddedCollator:
         for i, f in enumerate(features):
             k = len(f["input_ids"])
             ids[i, :k], labels[i, :k], mask[i, :k] = torch.tensor(f["input_ids"]), torch.tensor(f["labels"]), 1
-        batch = {"input_ids": ids, "labels": labels, "attention_mask": mask, "use_cache": False}
+        batch = {"input_ids": ids, "labels": labels, "use_cache": False, "real_tokens": mask.sum()}
+        if self.with_mask: batch["attention_mask"] = mask
         if "weight" in features[0]: batch["token_weights"] = mask * torch.tensor([[f["weight"]] for f in features])
         return batch
 
 def per_example_loss(model, batch) -> list[float]:
-    "Mean completion loss of each example in a packed or padded batch (for checks)."
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    "Mean completion loss of each example in a packed or padded batch, in row order (for checks)."
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "real_tokens", "token_weights")}
     with torch.no_grad(): logits = model(**inputs).logits.float()
     labels = batch["labels"]
     losses = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none")
-    if "position_ids" in batch and labels.shape[0] == 1:
-        starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [labels.shape[1]]
-        rows = [(0, s, e) for s, e in zip(starts[:-1], starts[1:])]
-    else: rows = [(i, 0, labels.shape[1]) for i in range(labels.shape[0])]
+    pos = batch.get("position_ids")
     out = []
-    for i, s, e in rows:
-        lab = labels[i, s+1:e]
-        out.append((losses[i, s:e-1][lab != -100]).mean().item())
+    for i in range(labels.shape[0]):
+        starts = ((pos[i] == 0).nonzero().flatten().tolist() if pos is not None else [0]) + [labels.shape[1]]
+        for s, e in zip(starts[:-1], starts[1:]):
+            lab = labels[i, s+1:e]
+            if (lab != -100).any(): out.append((losses[i, s:e-1][lab != -100]).mean().item())
     return out
+
+# %% ../nbs/05_training.ipynb #ebe843b3
+def varlen_attention(model) -> bool:
+    "Whether `model` attends within packed sequences only (flash-attention's varlen kernels), so packing wastes nothing."
+    return str(getattr(model.config, "_attn_implementation", "") or "").startswith("flash_attention")
+
+def train_collator(model, tokenizer, packing:bool|None=None):
+    "The training collator: one packed row with varlen attention or `packing=True`; rows as long as the longest example else."
+    if packing is False: return PaddedCollator(tokenizer.pad_token_id)
+    return PackedCollator(ONE_ROW if packing or varlen_attention(model) else None, tokenizer.pad_token_id)
 
 # %% ../nbs/05_training.ipynb #cce1c198
 def label_balance_weights(targets:list, # each training example's label
@@ -487,8 +523,9 @@ class VrnxTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
-            mask = inputs.get("attention_mask")
-            self.useful_tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+            real, mask = inputs.get("real_tokens"), inputs.get("attention_mask")
+            self.useful_tokens += int(real if real is not None else mask.sum() if mask is not None else inputs["input_ids"].numel())
+        inputs.pop("real_tokens", None)
         weights = inputs.pop("token_weights", None)
         if not self.sliced_logits and weights is None: return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs.pop("labels")
@@ -616,7 +653,7 @@ def finetune(model:str, # model alias ('smollm2-135m', 'tiny'), local folder or 
              method:str="qlora", # 'full', 'lora', 'qlora' or 'adapter'
              r:int=16, # LoRA rank / adapter bottleneck width
              lora_alpha:int|None=None, # LoRA alpha; default 2*r
-             lora_dropout:float=0.05, # LoRA / adapter dropout
+             lora_dropout:float=0.0, # LoRA / adapter dropout
              target_modules:str|list="all-linear", # LoRA target layers
              learning_rate:float|None=None, # default per method
              epochs:float=3, # passes over the train split
@@ -696,12 +733,12 @@ def finetune(model:str, # model alias ('smollm2-135m', 'tiny'), local folder or 
         report_to=_report_to(cfg.report_to), seed=cfg.seed, data_seed=cfg.seed, bf16=gpu_bf16,
         activation_checkpointing=cfg.gradient_checkpointing and cfg.method != "qlora",
         activation_checkpointing_kwargs={"use_reentrant": False}, remove_unused_columns=False, label_names=["labels"], use_cpu=device == "cpu",
-        train_sampling_strategy="random" if cfg.packing else "group_by_length", dataloader_num_workers=0, disable_tqdm=False,
+        train_sampling_strategy="group_by_length" if cfg.packing is False else "random", dataloader_num_workers=0, disable_tqdm=False,
         ddp_find_unused_parameters=False, prediction_loss_only=True)
     cbs = [CSVLogCallback(out/"log.csv")] + list(callbacks or [])
     if has_val and cfg.early_stopping_patience: cbs.append(EarlyStoppingCallback(cfg.early_stopping_patience))
     trainer = VrnxTrainer(model=mdl, args=args, train_dataset=train_rows, eval_dataset=val_rows, processing_class=tok,
-                          sample_weights=weights if cfg.balance == "oversample" else None, data_collator=PackedCollator() if cfg.packing else PaddedCollator(tok.pad_token_id), callbacks=cbs)
+                          sample_weights=weights if cfg.balance == "oversample" else None, data_collator=train_collator(mdl, tok, cfg.packing), callbacks=cbs)
     if any(isinstance(c, ProgressCallback) for c in trainer.callback_handler.callbacks):
         trainer.remove_callback(ProgressCallback); trainer.add_callback(QuietProgressCallback())
     if device == "cuda": torch.cuda.reset_peak_memory_stats()
@@ -797,7 +834,8 @@ def main_train(argv:list[str]|None=None) -> int:
     p.add_argument("--max-val", type=int, default=None, help="evaluate on at most this many val examples")
     p.add_argument("--patience", type=int, default=3, help="early stopping patience (evaluations)")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--no-packing", action="store_true", help="length-grouped dynamic padding instead of packing")
+    p.add_argument("--packing", choices=["auto", "on", "off"], default="auto",
+                   help="on: one padding-free row per batch; off: length-grouped padded rows; auto: by attention kernel")
     p.add_argument("--output-dir", default=None)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-resume", action="store_true")
@@ -810,7 +848,7 @@ def main_train(argv:list[str]|None=None) -> int:
         res = finetune(a.model, task, method=a.method, r=a.r, learning_rate=a.lr, epochs=a.epochs, batch_size=a.batch_size,
                        grad_accum=a.grad_accum, max_steps=a.max_steps, eval_steps=a.eval_steps, max_length=a.max_length,
                        max_val_examples=a.max_val, early_stopping_patience=a.patience, gradient_checkpointing=a.gradient_checkpointing,
-                       packing=not a.no_packing, output_dir=a.output_dir, overwrite=a.overwrite, resume=not a.no_resume,
+                       packing={"auto": None, "on": True, "off": False}[a.packing], output_dir=a.output_dir, overwrite=a.overwrite, resume=not a.no_resume,
                        seed=a.seed, report_to=a.report_to, balance=a.balance)
     except (ValueError, ImportError) as e:
         print(f"vrnx train: error: {e}", file=sys.stderr); return 2
