@@ -13,7 +13,7 @@ import argparse, csv, os, time
 from pathlib import Path
 
 from vrnx_nb.tasks import load_task
-from vrnx_nb.augmentation import local_teacher
+from vrnx_nb.serving import local_teacher
 
 STAGES = ("generation", "validity", "length", "duplicate", "decontamination", "quality", "diversity")
 

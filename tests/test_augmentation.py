@@ -1,5 +1,6 @@
 """Synthetic data augmentation against real servers: `transformers serve` (tiny model) on loopback, a fault-injecting
-proxy in front of it (HTTP 500s, delay, concurrency and request counting), kill-and-resume, no orphan servers, bad input."""
+proxy in front of it (HTTP 500s, delay, concurrency and request counting), kill-and-resume, bad input.
+The server lifecycle itself (no orphans) is tested in test_serving.py."""
 import json, os, signal, subprocess, sys, textwrap, threading, time, urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -7,7 +8,8 @@ from pathlib import Path
 import psutil, pytest
 
 from vrnx_nb.tasks import Example, load_task
-from vrnx_nb.augmentation import SyntheticPipeline, TeacherError, local_teacher, main_augment, ReplyCache
+from vrnx_nb.augmentation import SyntheticPipeline, TeacherError, main_augment, ReplyCache
+from vrnx_nb.serving import free_port, local_teacher
 
 SERVER_ENV = {"OMP_NUM_THREADS": "1"}
 
@@ -174,43 +176,9 @@ def test_cli_against_endpoint(server, tmp_path, capsys):
     assert "Generated:" in text and "overall (kept / requested)" in text
 
 
-# ---------------------------------------------------------------- server lifecycle: no orphans
-
-def test_local_teacher_stops_on_error():
-    pids = []
-    with pytest.raises(RuntimeError, match="boom"):
-        with local_teacher("tiny", env=SERVER_ENV) as ep:
-            pids = [ep.pid] + [c.pid for c in psutil.Process(ep.pid).children(recursive=True)]
-            with urllib.request.urlopen(ep.base_url.removesuffix("/v1") + "/health", timeout=5) as r: assert r.status == 200
-            raise RuntimeError("boom")
-    assert all(wait_dead(p, 5) for p in pids), [p for p in pids if alive(p)]
-
-
-PARENT = textwrap.dedent("""
-    import sys, time
-    from vrnx_nb.augmentation import local_teacher
-    with local_teacher("tiny", env={"OMP_NUM_THREADS": "1"}) as ep:
-        print(ep.pid, flush=True)
-        time.sleep(600)
-""")
-
-
-def test_no_orphan_when_parent_is_killed():
-    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        line = parent.stdout.readline()
-        assert line.strip().isdigit(), f"parent did not start a server: {line!r}"
-        pid = int(line)
-        assert alive(pid)
-    finally:
-        parent.send_signal(signal.SIGKILL); parent.wait(10)
-    assert wait_dead(pid, 15), f"server {pid} outlived its killed parent"
-
-
 # ---------------------------------------------------------------- bad input
 
 def test_unreachable_endpoint_fails_fast(legal):
-    from vrnx_nb.augmentation import free_port
     port = free_port()   # nothing listens there
     pipe = SyntheticPipeline(teacher_model="m", base_url=f"http://127.0.0.1:{port}/v1", max_retries=2, cache_path=False)
     t0 = time.time()

@@ -6,7 +6,7 @@ Docs: https://vrnx.github.io/vrnx_nb/augmentation.html.md"""
 
 # %% ../nbs/04_augmentation.ipynb #f83bc4e3
 from __future__ import annotations
-import asyncio, contextlib, hashlib, json, math, os, random, re, signal, socket, subprocess, sys, tempfile, threading, time
+import asyncio, hashlib, json, math, os, random, re, socket, sys, threading, time
 from collections import Counter
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
@@ -14,12 +14,13 @@ from typing import Any, Callable
 from urllib.parse import urlparse
 import numpy as np
 from .tasks import Example, Task
+from .serving import TeacherEndpoint, free_port, local_teacher  # the server lifecycle; re-exported here
 
 # %% auto #0
 __all__ = ['INPUT_KEYS', 'TARGET_KEYS', 'FORMAT_CHECKS', 'AXES', 'OFF_TASK', 'extract_json', 'parse_reply', 'SeedProfile',
            'profile_seeds', 'build_request', 'request_key', 'ReplyCache', 'TeacherError', 'run_sync', 'normalize_text',
            'Decontaminator', 'corrupt_examples', 'QualityClassifier', 'mmr_select', 'Usage', 'AugmentReport',
-           'SyntheticPipeline', 'TeacherEndpoint', 'free_port', 'local_teacher', 'write_jsonl', 'main_augment']
+           'SyntheticPipeline', 'write_jsonl', 'main_augment']
 
 # %% ../nbs/04_augmentation.ipynb #b82686b8
 def _balanced_objects(text:str):
@@ -894,116 +895,6 @@ def rejected_frame(self:SyntheticPipeline):
                      "target": ex.target if isinstance(ex, Example) else None, "quality": ex.meta.get("quality") if isinstance(ex, Example) else None,
                      "reply": (r.get("reply") or r.get("detail") or "")[:120]})
     return pd.DataFrame(rows)
-
-# %% ../nbs/04_augmentation.ipynb #b1679333
-@dataclass
-class TeacherEndpoint:
-    "A running OpenAI-compatible server: where it is and which model name to request."
-    base_url: str # e.g. http://127.0.0.1:PORT/v1
-    model: str # the model id to send (transformers serve: the model folder it was started with)
-    pid: int # server process id (its process group id too)
-    log_path: str # server output (removed when the server stops)
-
-    def pipeline(self, **kw) -> SyntheticPipeline:
-        "A `SyntheticPipeline` that uses this endpoint (free: prices default to 0)."
-        kw.setdefault("price_per_1k_prompt", 0.0); kw.setdefault("price_per_1k_completion", 0.0)
-        # a local server on a busy CPU is slow, and a request the client gives up on keeps running there:
-        # retrying it only piles up work (seen: 12 minutes, 1 reply, at 120 s), so wait long instead
-        kw.setdefault("timeout", 1800.0)
-        return SyntheticPipeline(teacher_model=self.model, base_url=self.base_url, **kw)
-
-def free_port(host:str="127.0.0.1") -> int:
-    "A TCP port that is free on `host` right now."
-    with socket.socket() as s:
-        s.bind((host, 0)); return s.getsockname()[1]
-
-def _pdeathsig():
-    "In the child: die with the parent (Linux); start a new session (own process group)."
-    os.setsid()
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: a graceful SIGTERM can wait forever on dead clients
-    except Exception: pass
-
-def _stop_group(proc:subprocess.Popen, grace:float=5.0):
-    "SIGTERM the process group, SIGKILL what is left after `grace` seconds."
-    if os.name != "posix":
-        proc.terminate()
-        try: proc.wait(grace)
-        except subprocess.TimeoutExpired: proc.kill(); proc.wait(5)
-        return
-    try: os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError: pass
-    try: proc.wait(grace)
-    except subprocess.TimeoutExpired: pass
-    try: os.killpg(proc.pid, signal.SIGKILL)  # whatever is left in the group (the server too, if it ignored SIGTERM)
-    except ProcessLookupError: pass
-    if proc.poll() is None: proc.wait(5)
-
-def _serve_cmd(path:str, host:str, port:int, continuous_batching:bool, extra_args) -> list:
-    cmd = [sys.executable, "-c", "from transformers.cli.transformers import main; main()", "serve", path,
-           "--host", host, "--port", str(port), "--log-level", "warning"]
-    return cmd + (["--continuous-batching"] if continuous_batching else []) + list(extra_args)
-
-@contextlib.contextmanager
-def local_teacher(model:str="smollm2-135m", # alias ('smollm2-135m', 'tiny'), model folder or hub id
-                  continuous_batching:bool=True, # serve concurrent requests in one batch
-                  port:int|None=None, # default: a free port
-                  host:str="127.0.0.1", # loopback only
-                  startup_timeout:float=300.0, # seconds to wait for /health
-                  env:dict|None=None, # extra environment for the server (e.g. OMP_NUM_THREADS)
-                  cb_num_blocks:int|None=None, # KV cache blocks of 256 tokens; default 48 without CUDA (the CPU default takes GBs, and each step reads the whole cache)
-                  warmup:bool=True, # send one 1-token request before yielding (the first request initialises the batching cache)
-                  extra_args:tuple=(), # more `transformers serve` options
-                 ):
-    "Serve `model` with `transformers serve` on loopback; yields a `TeacherEndpoint`; stops the server on exit."
-    import urllib.request
-    from vrnx_nb.models import resolve_model_path
-    if _find_spec("fastapi") is None or _find_spec("uvicorn") is None:
-        raise ImportError("local_teacher needs the serving extras: pip install 'transformers[serving]'")
-    path = resolve_model_path(model)
-    port = port or free_port(host)
-    run_env = {**os.environ, "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", **(env or {})}
-    if Path(path).exists(): run_env.setdefault("HF_HUB_OFFLINE", "1")
-    log = tempfile.NamedTemporaryFile("w+b", prefix="vrnx-teacher-", suffix=".log", delete=False)
-    extra = list(extra_args)
-    if continuous_batching and "--cb-num-blocks" not in extra:
-        if cb_num_blocks is None and not _has_cuda(): cb_num_blocks = 48
-        if cb_num_blocks is not None: extra += ["--cb-num-blocks", str(int(cb_num_blocks))]
-    proc = subprocess.Popen(_serve_cmd(path, host, port, continuous_batching, extra), stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, env=run_env, preexec_fn=_pdeathsig if os.name == "posix" else None)
-    def tail(): return Path(log.name).read_text(errors="replace")[-2000:]
-    try:
-        deadline, url = time.time() + startup_timeout, f"http://{host}:{port}/health"
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"transformers serve exited with code {proc.returncode} while starting {path}:\n{tail()}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200: break
-            except OSError: pass
-            if time.time() > deadline: raise TimeoutError(f"transformers serve did not answer {url} within {startup_timeout:.0f}s:\n{tail()}")
-            time.sleep(0.25)
-        base = f"http://{host}:{port}/v1"
-        if warmup:
-            body = json.dumps({"model": path, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}).encode()
-            req = urllib.request.Request(base + "/chat/completions", data=body, headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=max(1.0, deadline - time.time())) as r: r.read()
-        yield TeacherEndpoint(base, path, proc.pid, log.name)
-    finally:
-        _stop_group(proc)
-        log.close()
-        with contextlib.suppress(OSError): os.unlink(log.name)  # errors above already quote its tail
-
-def _has_cuda() -> bool:
-    try:
-        import torch
-        return torch.cuda.is_available()
-    except ImportError: return False
-
-def _find_spec(name:str):
-    import importlib.util
-    return importlib.util.find_spec(name)
 
 # %% ../nbs/04_augmentation.ipynb #59713a4b
 def write_jsonl(examples:list, path:str|os.PathLike) -> Path:

@@ -486,10 +486,10 @@ def load_export(folder, # an export folder (or any transformers model folder)
 # %% ../nbs/10_deploy.ipynb #6e6a06d1
 @contextlib.contextmanager
 def serve_export(folder, # an export folder
-                 **kwargs, # passed to `vrnx_nb.augmentation.local_teacher` (port, env, startup_timeout, ...)
+                 **kwargs, # passed to `vrnx_nb.serving.local_teacher` (port, env, startup_timeout, ...)
                 ):
     "Serve an export folder with `transformers serve` on loopback; yields a `TeacherEndpoint` (base_url, model)."
-    from vrnx_nb.augmentation import local_teacher
+    from vrnx_nb.serving import local_teacher
     folder = Path(folder).expanduser().absolute()
     fmt = read_export(folder)["format"] if (folder/EXPORT_FILE).exists() else "merged"
     require_format(fmt)

@@ -252,7 +252,8 @@ def synthetic_examples(cfg:ExperimentConfig, # an augmented config
                        teacher_fn=None, # callable(messages, request) -> reply text, instead of a local teacher server
                       ) -> tuple[list, dict]:
     "Kept synthetic examples for `cfg` and {'generated', 'kept', ...}: from the cache, else generated and filtered once."
-    from vrnx_nb.augmentation import SyntheticPipeline, local_teacher
+    from vrnx_nb.augmentation import SyntheticPipeline
+    from vrnx_nb.serving import local_teacher
     from vrnx_nb.tasks import Example
     if not cfg.augment: return [], {"generated": 0, "kept": 0, "cached": True}
     path = synthetic_path(cfg, cache); meta_path = path.with_suffix(".json")

@@ -301,7 +301,8 @@ class AugmentState:
 
     def _pipeline(self, stack, api_key):
         "A `SyntheticPipeline` for the chosen teacher; servers and key variables are cleaned up by `stack`."
-        from vrnx_nb.augmentation import SyntheticPipeline, local_teacher
+        from vrnx_nb.augmentation import SyntheticPipeline
+        from vrnx_nb.serving import local_teacher
         kw = {"seed": self.seed, "cache_path": self.cache_path, "quality_threshold": self.quality_threshold, **self.pipeline_kwargs}
         if self.teacher == "callable": return SyntheticPipeline(teacher=self.teacher_fn, teacher_model="in-process", **kw)
         if self.teacher == "local": return stack.enter_context(local_teacher(self.local_model)).pipeline(**kw)
