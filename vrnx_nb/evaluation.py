@@ -1,4 +1,5 @@
-"""Each task's metric on real generations, with bootstrap confidence intervals, saved predictions and the paper's results table.
+"""Each task's metric on real generations, with bootstrap confidence intervals, saved predictions and the paper's
+results table.
 
 Docs: https://vrnx.github.io/vrnx_nb/evaluation.html.md"""
 
@@ -6,103 +7,28 @@ Docs: https://vrnx.github.io/vrnx_nb/evaluation.html.md"""
 
 # %% ../nbs/06_evaluation.ipynb #847238df
 from __future__ import annotations
-import argparse, contextvars, inspect, json, math, re, string, sys, time, weakref
+import argparse, json, math, re, sys, time
 from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 import numpy as np
-import torch
-from .tasks import Task, Example, load_task, render_prompt, render_pair
+from .tasks import load_task, render_prompt, render_pair
 
 # %% auto #0
-__all__ = ['SCALES', 'METRICS', 'METRIC_LABELS', 'TASK_ORDER', 'FULL_NAMES', 'bootstrap_ci', 'match_label',
-           'classification_metrics', 'collapse_warning', 'is_skewed', 'rouge_metrics', 'scale_factor', 'is_number',
-           'to_number', 'tatqa_normalize', 'tatqa_answer_strings', 'parse_tatqa_answer', 'tatqa_em_f1', 'task_metrics',
-           'stop_token_ids', 'generate_batched', 'scored_completion_ids', 'label_logliks', 'load_for_eval',
+__all__ = ['METRIC_LABELS', 'TASK_ORDER', 'FULL_NAMES', 'collapse_warning', 'is_skewed', 'load_for_eval',
            'default_max_new_tokens', 'Scores', 'evaluate', 'per_label_table', 'plot_confusion', 'results_table',
-           'plot_results', 'main_eval']
+           'plot_results', 'main_eval', 'bootstrap_ci', 'match_label', 'classification_metrics', 'rouge_metrics',
+           'SCALES', 'scale_factor', 'is_number', 'to_number', 'tatqa_normalize', 'tatqa_answer_strings',
+           'parse_tatqa_answer', 'tatqa_em_f1', 'METRICS', 'task_metrics', 'stop_token_ids', 'generate_batched',
+           'scored_completion_ids', 'label_logliks']
 
-# %% ../nbs/06_evaluation.ipynb #a0e4da6e
-def bootstrap_ci(data, # per-example values (n,) or rows (n, k) that `stat` reads
-                 stat=None, # function of a resampled `data` -> float; default: the mean
-                 n_boot:int=1000, # bootstrap resamples
-                 seed:int=0, # the same seed gives the same interval
-                 level:float=0.95, # coverage of the interval
-                ) -> tuple:
-    "Seeded percentile-bootstrap confidence interval `(low, high)` of `stat(data)`."
-    data = np.asarray(data)
-    if len(data) == 0: raise ValueError("bootstrap_ci: no values to resample (empty data)")
-    if not 0 < level < 1: raise ValueError(f"bootstrap_ci: level must be in (0, 1), got {level}")
-    if n_boot < 1: raise ValueError(f"bootstrap_ci: n_boot must be >= 1, got {n_boot}")
-    idx = np.random.default_rng(seed).integers(0, len(data), size=(n_boot, len(data)))
-    boots = data.astype(float)[idx].mean(axis=1) if stat is None else np.array([stat(data[i]) for i in idx], dtype=float)
-    lo, hi = np.quantile(boots, [(1-level)/2, 1-(1-level)/2])
-    return float(lo), float(hi)
-
-# %% ../nbs/06_evaluation.ipynb #7aadc26f
-def _norm_text(s:str) -> str:
-    s = str(s).lower().translate(str.maketrans({c: " " for c in string.punctuation}))
-    return " ".join(s.split())
-
-def match_label(text:str, # a generated answer
-                labels:list, # the label set
-               ) -> str|None:
-    "The label `text` names (normalised exact, prefix, or single mention), else None."
-    t = _norm_text(text)
-    if not t: return None
-    norm = {_norm_text(l): l for l in labels}
-    if t in norm: return norm[t]
-    for n in sorted(norm, key=len, reverse=True):
-        if t.startswith(n + " ") or t.startswith(n): return norm[n]
-    found = [l for n, l in norm.items() if re.search(rf"\b{re.escape(n)}\b", t)]
-    return found[0] if len(found) == 1 else None
-
-# %% ../nbs/06_evaluation.ipynb #0c2f7da7
-def _check_lengths(predictions, references):
-    if len(predictions) != len(references):
-        raise ValueError(f"predictions and references differ in length: {len(predictions)} predictions, {len(references)} references")
-    if len(references) == 0: raise ValueError("no predictions to score (empty lists)")
-
-def _macro_f1(pairs:np.ndarray) -> float:
-    "Macro-F1 of an (n, 2) int array of (reference, prediction) codes; code -1 = unmatched."
-    t, p = pairs[:, 0], pairs[:, 1]
-    classes = np.unique(np.concatenate([t, p])); classes = classes[classes >= 0]
-    if len(classes) == 0: return 0.0
-    tc, pc = t[:, None] == classes, p[:, None] == classes
-    tp = (tc & pc).sum(0); denom = tc.sum(0) + pc.sum(0)
-    return float(np.mean(np.where(denom > 0, 2*tp/np.maximum(denom, 1), 0.0)))
-
-def _per_label(pairs:np.ndarray, labels:list) -> tuple:
-    "Per-label scores and the confusion matrix (references x predictions, an 'unmatched' column if any) of coded pairs."
-    n = len(labels)
-    conf = np.zeros((n, n + 1), dtype=int)
-    np.add.at(conf, (pairs[:, 0], np.where(pairs[:, 1] < 0, n, pairs[:, 1])), 1)
-    tp, support, predicted = np.diag(conf[:, :n]), conf.sum(1), conf[:, :n].sum(0)
-    per = {l: {"precision": float(tp[i]/predicted[i]) if predicted[i] else 0.0,
-               "recall": float(tp[i]/support[i]) if support[i] else 0.0,
-               "f1": float(2*tp[i]/(support[i] + predicted[i])) if support[i] + predicted[i] else 0.0,
-               "support": int(support[i]), "predicted": int(predicted[i])} for i, l in enumerate(labels)}
-    return per, (conf if conf[:, n].any() else conf[:, :n]).tolist()
-
-def classification_metrics(predictions:list, # predicted labels (None = matched no label)
-                           references:list, # true labels
-                           labels:list|None=None, # the label set; default: the labels seen
-                           n_boot:int=1000, seed:int=0, # bootstrap settings
-                          ) -> dict:
-    "Accuracy and macro-F1 with CIs, per-label scores, the confusion matrix, unmatched count, per-example correctness."
-    _check_lengths(predictions, references)
-    labels = list(labels or sorted({*references, *(p for p in predictions if p is not None)}))
-    code = {l: i for i, l in enumerate(labels)}
-    unknown = sorted({r for r in references if r not in code})
-    if unknown: raise ValueError(f"references contain labels outside the label set: {unknown[:5]}")
-    pairs = np.array([[code[r], code.get(p, -1)] for p, r in zip(predictions, references)])
-    correct = (pairs[:, 0] == pairs[:, 1]).astype(float)
-    per_label, confusion = _per_label(pairs, labels)
-    return {"metrics": {"accuracy": float(correct.mean()), "macro_f1": _macro_f1(pairs)},
-            "ci": {"accuracy": bootstrap_ci(correct, n_boot=n_boot, seed=seed),
-                   "macro_f1": bootstrap_ci(pairs, _macro_f1, n_boot=n_boot, seed=seed)},
-            "per_example": [{"correct": int(c)} for c in correct],
-            "unmatched": int(sum(p not in code for p in predictions)),
-            "per_label": per_label, "confusion": confusion, "labels": labels}
+# %% ../nbs/06_evaluation.ipynb #d7dfdd00
+from .metrics import (
+    bootstrap_ci, match_label, classification_metrics, rouge_metrics, SCALES, scale_factor, is_number, to_number,
+    tatqa_normalize, tatqa_answer_strings, parse_tatqa_answer, tatqa_em_f1, METRICS, task_metrics, _check_lengths, _macro_f1)
+from .generation import stop_token_ids, generate_batched, scored_completion_ids, label_logliks
+_all_ = ["bootstrap_ci", "match_label", "classification_metrics", "rouge_metrics", "SCALES", "scale_factor", "is_number",
+         "to_number", "tatqa_normalize", "tatqa_answer_strings", "parse_tatqa_answer", "tatqa_em_f1", "METRICS",
+         "task_metrics", "stop_token_ids", "generate_batched", "scored_completion_ids", "label_logliks"]
 
 # %% ../nbs/06_evaluation.ipynb #53a3f138
 def _pct(x:float) -> str: # a share in percent; 499 of 500 is 99.8%, not 100%
@@ -130,7 +56,7 @@ def is_skewed(counts, # reference labels (a list) or label -> count (a dict)
               share:float|None=None, # skewed when the largest label is above this share; default `recommend.SKEW_SHARE`
               ratio:float|None=None, # ... or above `ratio` times the smallest label present; default `recommend.SKEW_RATIO`
              ) -> bool:
-    "True when the label distribution is skewed enough that accuracy should not be read first (the rule `recommend` balances by)."
+    "True when labels are skewed enough that accuracy should not be read first (the rule `recommend` balances by)."
     from collections import Counter
     from vrnx_nb.recommend import SKEW_SHARE, SKEW_RATIO
     share, ratio = share or SKEW_SHARE, ratio or SKEW_RATIO
@@ -138,624 +64,13 @@ def is_skewed(counts, # reference labels (a list) or label -> count (a dict)
     if not c: return False
     return max(c) > share*sum(c) or max(c) > ratio*min(c)
 
-# %% ../nbs/06_evaluation.ipynb #3a817314
-def rouge_metrics(predictions:list, # generated summaries
-                  references:list, # reference summaries
-                  n_boot:int=1000, seed:int=0, # bootstrap settings
-                 ) -> dict:
-    "Mean ROUGE-L/1/2 F-measure (stemmed) with bootstrap CIs and per-example scores."
-    from rouge_score import rouge_scorer
-    _check_lengths(predictions, references)
-    scorer = rouge_scorer.RougeScorer(["rougeL", "rouge1", "rouge2"], use_stemmer=True)
-    rows = [{k: round(v.fmeasure, 4) for k, v in scorer.score(str(r), str(p)).items()} for p, r in zip(predictions, references)]
-    out = {"metrics": {}, "ci": {}, "per_example": rows}
-    for k in ("rougeL", "rouge1", "rouge2"):
-        vals = np.array([r[k] for r in rows])
-        out["metrics"][k] = float(vals.mean()); out["ci"][k] = bootstrap_ci(vals, n_boot=n_boot, seed=seed)
-    return out
-
-# %% ../nbs/06_evaluation.ipynb #90e2a3c6
-_NUM_DROP = set("'\"\\$€£¥%(),[]")
-_PUNCT = set(string.punctuation)
-SCALES = ("", "thousand", "million", "billion", "percent")
-
-def scale_factor(scale:str) -> float:
-    "Multiplier of a scale word (matched inside the text, as the official script does)."
-    s = str(scale).lower()
-    for w, f in (("hundred", 100), ("thousand", 1e3), ("million", 1e6), ("billion", 1e9), ("percent", .01)):
-        if w in s: return f
-    return 1
-
-def _drop_num_chars(text): return "".join(c for c in str(text) if c not in _NUM_DROP)
-
-def is_number(text:str) -> bool:
-    "True if `text` reads as a number (currency, commas, %, brackets allowed; optionally followed by a scale word)."
-    words = " ".join(_drop_num_chars(w) for w in str(text).split()).split()
-    if not words: return False
-    try: x = float(words[0])
-    except ValueError: return False
-    return not math.isnan(x) and (len(words) < 2 or scale_factor(words[1]) != 1)
-
-def to_number(text:str) -> float|None:
-    "The value `text` denotes: first number, times scale word, negative if bracketed, /100 if a percentage."
-    s = str(text)
-    m = re.search(r"[+-]?\d+(?:\.\d+)?|[+-]?\.\d+", _drop_num_chars(s))
-    if m is None: return None
-    x = float(m.group(0)) if "." in m.group(0) else int(m.group(0))
-    w = re.search(r"[\d.]+\s?[a-zA-Z]+", s)
-    mult = scale_factor(w.group(0)) if w else 1
-    if re.search(r"\([\d.\s]+\)", s.strip()): mult = -mult
-    if re.search(r"[\d.\s]+%", s.strip()): mult *= .01
-    return round(x * mult, 4)
-
-def tatqa_normalize(text:str) -> str:
-    "Token-wise: lower-case, drop punctuation (not in numbers), numbers to their value, drop articles."
-    parts = []
-    for tok in str(text).split(" "):
-        tok = tok.lower()
-        if not is_number(tok): tok = "".join(c for c in tok if c not in _PUNCT)
-        if is_number(tok): tok = str(to_number(tok))
-        tok = " ".join(re.sub(r"\b(a|an|the)\b", " ", tok).split())
-        if tok.strip(): parts.append(tok)
-    return " ".join(parts).strip()
-
-# %% ../nbs/06_evaluation.ipynb #13b4c53e
-def tatqa_answer_strings(spans:list, # answer spans (strings or numbers)
-                         scale:str="", # '', 'thousand', 'million', 'billion' or 'percent'
-                        ) -> str:
-    "The comparison string of an answer: spans sorted, numbers scaled to 4 decimals, scale word appended to text."
-    out = []
-    for a in sorted(str(s) for s in spans):
-        x = to_number(a) if is_number(a) else None
-        if x is None: out.append(f"{a} {scale}" if scale else a)
-        elif "%" in a: out.append("%.4f" % x)
-        else: out.append("%.4f" % (round(x, 2) * scale_factor(scale)))
-    return " ".join(out)
-
-_SCALE_RE = re.compile(r"\s*\b(thousand|million|billion|percent)s?\s*$", re.I)
-
-def parse_tatqa_answer(text:str, # generated answer text
-                       split_scale:bool=True, # read a trailing scale word off as the scale
-                      ) -> tuple:
-    "`(spans, scale)` from an answer text: first line, ' | '-separated spans, trailing scale word or %."
-    lines = [l.strip() for l in str(text).strip().splitlines() if l.strip()]
-    t = re.sub(r"^(the\s+)?answer\s*(is)?\s*[:：]?\s*", "", lines[0], flags=re.I) if lines else ""
-    spans = [s.strip() for s in t.split("|") if s.strip()]
-    scale = ""
-    for i, s in enumerate(spans):
-        m = _SCALE_RE.search(s) if split_scale else None
-        if m: scale = scale or m.group(1).lower(); spans[i] = s[:m.start()].strip()
-        elif s.endswith("%") and split_scale: scale = scale or "percent"
-    return [s for s in spans if s], scale
-
-def _bag_f1(pred:str, gold:str) -> float:
-    p, g = set(pred.split()), set(gold.split())
-    inter = len(p & g)
-    prec = inter/len(p) if p else 1.0; rec = inter/len(g) if g else 1.0
-    return 0.0 if prec == 0 and rec == 0 else 2*prec*rec/(prec + rec)
-
-def tatqa_em_f1(prediction, # generated text, or a list of spans
-                answer, # gold answer as in the TAT-QA file: list of spans, number or string
-                answer_type:str="span", # 'span', 'multi-span', 'arithmetic', 'count'
-                scale:str="", # gold scale
-                pred_scale:str|None=None, # predicted scale; parsed from `prediction` text when None
-               ) -> tuple:
-    "TAT-QA exact match and F1 of one prediction, following the official evaluation rules."
-    if isinstance(prediction, str) and pred_scale is None:
-        readings = [parse_tatqa_answer(prediction)]
-        if readings[0][1]: readings.append(parse_tatqa_answer(prediction, split_scale=False))
-    else:
-        spans = [prediction] if isinstance(prediction, str) else [str(p) for p in prediction]
-        readings = [([s.strip() for s in spans if s.strip()], pred_scale or "")]
-    if not readings[0][0]: return 0.0, 0.0
-    if answer_type in ("span", "multi-span"): gold = [str(a) for a in (answer if isinstance(answer, list) else [answer])]
-    elif answer_type == "count": gold = [str(int(float(answer)))]
-    else: gold = [str(answer)]
-    gold_str = tatqa_normalize(tatqa_answer_strings(gold, scale))
-    cands = []
-    for spans, pscale in readings:
-        cands.append(tatqa_answer_strings(spans, pscale))
-        if len(spans) == 1 and not pscale and "%" not in spans[0] and is_number(spans[0]) and to_number(spans[0]) is not None:
-            cands.append("%.4f" % to_number(spans[0]))
-    em = f1 = 0.0
-    for c in cands:
-        c = tatqa_normalize(c)
-        em = max(em, float(c == gold_str)); f1 = max(f1, round(_bag_f1(c, gold_str), 2))
-    return em, (em if answer_type in ("arithmetic", "count") else f1)
-
-# %% ../nbs/06_evaluation.ipynb #26c6962f
-def _qa_metrics(predictions, examples, n_boot=1000, seed=0) -> dict:
-    rows = []
-    for p, ex in zip(predictions, examples):
-        if "answer" in ex.meta: em, f1 = tatqa_em_f1(p, ex.meta["answer"], ex.meta.get("answer_type", "span"), ex.meta.get("scale", ""))
-        else:
-            spans, scale = parse_tatqa_answer(ex.target)
-            em, f1 = tatqa_em_f1(p, spans, "multi-span" if len(spans) > 1 else "span", scale)
-        rows.append({"em": em, "f1": f1})
-    em, f1 = np.array([r["em"] for r in rows]), np.array([r["f1"] for r in rows])
-    return {"metrics": {"exact_match": float(em.mean()), "f1": float(f1.mean())}, "per_example": rows,
-            "ci": {"exact_match": bootstrap_ci(em, n_boot=n_boot, seed=seed), "f1": bootstrap_ci(f1, n_boot=n_boot, seed=seed)}}
-
-METRICS = {"classification": ("accuracy", "macro_f1"), "summarization": ("rougeL", "rouge1", "rouge2"), "qa": ("exact_match", "f1")}
-
-def task_metrics(task, # the `Task` (gives kind and labels)
-                 predictions:list, # one prediction per example (label, summary or answer text)
-                 examples:list, # the scored examples
-                 n_boot:int=1000, seed:int=0, # bootstrap settings
-                ) -> dict:
-    "Metrics, CIs, per-example scores (and unmatched count) for the task's kind."
-    if task.kind not in METRICS: raise ValueError(f"Task {task.name!r}: no metric for task kind {task.kind!r}; supported kinds: {sorted(METRICS)}")
-    _check_lengths(predictions, examples)
-    refs = [e.target for e in examples]
-    if task.kind == "classification": return classification_metrics(predictions, refs, task.labels, n_boot, seed)
-    if task.kind == "summarization": return rouge_metrics(predictions, refs, n_boot, seed)
-    return _qa_metrics(predictions, examples, n_boot, seed)
-
-# %% ../nbs/06_evaluation.ipynb #e9a28788
-def _first_param(model): return next(model.parameters())
-
-def _cache_arg(model) -> str:
-    "Name of the cache argument of the model's forward ('cache' in recent transformers, else 'past_key_values')."
-    for _ in range(4):  # look through wrappers (peft, bottleneck adapters) whose forward takes **kwargs
-        try: params = inspect.signature(model.forward).parameters
-        except (TypeError, ValueError): break
-        for name in ("cache", "past_key_values"):
-            if name in params: return name
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else getattr(model, "base_model", None)
-        if inner is None or inner is model: break
-        model = inner
-    return "past_key_values"
-
-def _forward(model, cache=None, cache_arg="past_key_values", **kw):
-    "One forward pass returning (logits, cache)."
-    if cache is not None: kw[cache_arg] = cache
-    out = model(use_cache=True, **kw)
-    return out.logits, (getattr(out, "cache", None) or getattr(out, "past_key_values", None))
-
-def stop_token_ids(tokenizer, model=None) -> set:
-    "Token ids that end a reply: EOS of tokenizer and generation config, and the chat template's end-of-turn."
-    ids = set()
-    for v in (getattr(tokenizer, "eos_token_id", None), getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
-        if v is not None: ids.update(v if isinstance(v, (list, tuple)) else [v])
-    for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>"):
-        i = tokenizer.convert_tokens_to_ids(t) if t in tokenizer.get_vocab() else None
-        if i is not None: ids.add(i)
-    return ids
-
-def _left_pad(seqs:list, pad_id:int, device):
-    L = max(map(len, seqs))
-    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long); mask = torch.zeros((len(seqs), L), dtype=torch.long)
-    for r, s in enumerate(seqs): ids[r, L-len(s):] = torch.tensor(s, dtype=torch.long); mask[r, L-len(s):] = 1
-    return ids.to(device), mask.to(device)
-
-def _length_groups(lengths:list, tol:float, slack:int=0) -> list:
-    "Indices grouped (longest first) so that no row pads beyond `tol` x its length or by more than `slack` tokens."
-    groups = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        if groups and (lengths[groups[-1][0]] <= tol * lengths[i] or lengths[groups[-1][0]] - lengths[i] <= slack): groups[-1].append(i)
-        else: groups.append([i])
-    return groups
-
-def _plain_cache(cache) -> bool:
-    "True for a cache of plain key/value layers (no sliding window, no recurrent state), which can be cut and stitched."
-    from transformers.cache_utils import DynamicLayer
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(l) in (DynamicLayer, _GrowingLayer) for l in layers)
-
-def _growing_layer_class():
-    from transformers.cache_utils import DynamicLayer
-    class _Growing(DynamicLayer):
-        "A key/value cache layer with room reserved: appending a token writes in place instead of copying the whole cache."
-        def __init__(self, keys, values, extra:int, n:int|None=None):  # n given: keys/values are buffers whose first n are filled
-            super().__init__()
-            self.device, self.is_initialized = keys.device, True
-            if n is not None: self._k, self._v, self._n = keys, values, n
-            else:
-                self._n = keys.shape[-2]
-                self._k = keys.new_empty(*keys.shape[:2], self._n + extra, keys.shape[-1]); self._k[:, :, :self._n] = keys
-                self._v = values.new_empty(*values.shape[:2], self._n + extra, values.shape[-1]); self._v[:, :, :self._n] = values
-            self._views()
-        def _views(self): self.keys, self.values = self._k[:, :, :self._n], self._v[:, :, :self._n]
-        def update(self, key_states, value_states, *args, **kwargs):
-            n = self._n + key_states.shape[-2]
-            if n > self._k.shape[-2]:  # out of room: at least double it
-                def grow(b):
-                    new = b.new_zeros(*b.shape[:2], max(n, 2*b.shape[-2]), b.shape[-1]); new[:, :, :self._n] = b[:, :, :self._n]
-                    return new
-                self._k, self._v = grow(self._k), grow(self._v)
-            self._k[:, :, self._n:n] = key_states; self._v[:, :, self._n:n] = value_states
-            self._n = n; self._views()
-            return self.keys, self.values
-        def batch_select_indices(self, indices):  # copies the filled part only, keeping the room
-            k, v = self._k[indices, :, :self._n], self._v[indices, :, :self._n]
-            self._k, self._v = self._k.new_empty(len(indices), *self._k.shape[1:]), self._v.new_empty(len(indices), *self._v.shape[1:])
-            self._k[:, :, :self._n], self._v[:, :, :self._n] = k, v; self._views()
-        def batch_repeat_interleave(self, repeats:int):
-            self._k, self._v = self._k.repeat_interleave(repeats, 0), self._v.repeat_interleave(repeats, 0); self._views()
-    return _Growing
-
-try: _GrowingLayer = _growing_layer_class()
-except ImportError: _GrowingLayer = type(None)  # transformers without cache layers: caches are left as they are
-
-@torch.no_grad()
-def _shared_prefix(model, enc:list, arg:str, min_len:int=8):
-    "`(length, [(keys, values)] per layer)` of the token prefix all prompts share (template + instruction), or None."
-    n = min(len(e) for e in enc) - 1
-    first = enc[0]
-    for e in enc[1:]:
-        n = next((i for i in range(n) if e[i] != first[i]), n)
-    if n < min_len: return None
-    _, cache = _forward(model, input_ids=torch.tensor([first[:n]], device=_first_param(model).device), logits_to_keep=1)
-    return (n, [(l.keys, l.values) for l in cache.layers]) if _plain_cache(cache) else None
-
-def _kv_cache(layers:list, model):
-    from transformers import DynamicCache
-    return DynamicCache(layers, config=getattr(model, "config", None))
-
-def _common_len(seqs:list) -> int:
-    "Length of the token prefix all `seqs` share."
-    n, first = min(map(len, seqs)), seqs[0]
-    for s in seqs[1:]: n = next((i for i in range(n) if s[i] != first[i]), n)
-    return n
-
-def _prefix_clusters(seqs:list, start:int, min_shared:int) -> list:
-    "Indices of `seqs` grouped so each group shares at least `min_shared` tokens past `start` (e.g. questions on one table)."
-    clusters = []
-    for i in sorted(range(len(seqs)), key=lambda i: seqs[i]):  # sorted token lists: shared prefixes sit together
-        if clusters and _common_len([seqs[clusters[-1][0]], seqs[i]]) - start >= min_shared: clusters[-1].append(i)
-        else: clusters.append([i])
-    return clusters
-
-@torch.no_grad()
-def _extend_prefix(model, prefix, tokens:list, arg:str):
-    "The prefix `(length, layers)` (or None) extended by `tokens`, computed once for one row; None when the cache cannot be cut."
-    P = prefix[0] if prefix else 0
-    cache = _kv_cache(list(prefix[1]), model) if prefix else None
-    dev = _first_param(model).device
-    _, cache = _forward(model, cache, arg, input_ids=torch.tensor([tokens], device=dev),
-                        position_ids=torch.arange(P, P + len(tokens), device=dev)[None], logits_to_keep=1)
-    return (P + len(tokens), [(l.keys, l.values) for l in cache.layers]) if _plain_cache(cache) else None
-
-_SCORES_PER_CHUNK = 1 << 24  # attention scores computed at once (64 MB in float32); longer queries go in chunks
-
-def _fused(q) -> bool:
-    "Whether `_attend` runs as one fused kernel that also returns the log-sum-exp (PyTorch's flash attention for CPUs)."
-    return q.device.type == "cpu"
-
-def _attend(q, k, v, scale:float, bias=None):
-    "Softmax attention of `q` (..., n, d) over `k`, `v` (..., L, d): (float32 output, log-sum-exp of each query's scores)."
-    if _fused(q):
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
-        return o.float(), lse.float()[..., None]
-    s = (q.float() @ k.float().transpose(-1, -2)) * scale  # float32 scores: in bfloat16 an attention sink's score loses whole units
-    if bias is not None: s = s + bias
-    lse = torch.logsumexp(s, -1, keepdim=True)
-    return torch.exp(s - lse) @ v.float(), lse
-
-def _attend_chunked(q, k, v, scale:float, bias=None):
-    "`_attend` over chunks of queries, so the scores (or mask) of a long prompt never exceed `_SCORES_PER_CHUNK` at once."
-    step = max(1, _SCORES_PER_CHUNK // max(1, q[..., :1, 0].numel() * k.shape[-2]))
-    if step >= q.shape[-2]: return _attend(q, k, v, scale, bias)
-    parts = [_attend(q[..., i:i+step, :], k, v, scale, None if bias is None else bias[..., i:i+step, :]) for i in range(0, q.shape[-2], step)]
-    return tuple(torch.cat(x, -2) for x in zip(*parts))
-
-class _Cascade:
-    "Shared prefixes (keys/values kept once) and the rows reading each; `with` it, the model's attention is `_cascade_attention`."
-    def __init__(self, model):
-        self.configs = list({id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "_attn_implementation")}.values())
-        self.prefixes, self.groups, self.calls, self._bias = {}, [], 0, (None, None, None)
-    def use(self, gid):
-        "Point each row at its prefix: `gid[r]` is a key of `self.prefixes` (-1: the row has no shared prefix)."
-        ks = gid.unique().tolist()
-        self.groups = [(self.prefixes[k][1], None if len(ks) == 1 else (gid == k).nonzero().squeeze(-1)) for k in ks if k >= 0]
-    def bias(self, mask, G:int, dtype):
-        "The 4D mask (bool or additive) as an additive bias in `dtype`, each query repeated for the G heads sharing a key head."
-        if mask is None: return None
-        if self._bias[0] is not mask or self._bias[1] != (G, dtype):  # once per forward pass, not once per layer
-            b = mask.to(dtype) if mask.dtype != torch.bool else torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-            B, _, T, L = b.shape
-            self._bias = (mask, (G, dtype), b[:, :, None].expand(B, b.shape[1], G, T, L).reshape(B, b.shape[1], G * T, L))
-        return self._bias[2]
-    def __enter__(self):
-        self.saved = [c._attn_implementation for c in self.configs]
-        for c in self.configs: c._attn_implementation = "vrnx_cascade"
-        self.token = _CASCADE.set(self)
-        return self
-    def __exit__(self, *exc):
-        _CASCADE.reset(self.token)
-        for c, a in zip(self.configs, self.saved): c._attn_implementation = a
-
-_CASCADE = contextvars.ContextVar("vrnx_cascade", default=None)
-
-def _cascade_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
-    "Attention over each row's own keys (`key`, `value`) plus the shared prefix of its group, merged by log-sum-exp."
-    st = _CASCADE.get()
-    if st is None: raise RuntimeError("vrnx_cascade attention runs only inside `_Cascade`")
-    st.calls += 1
-    B, H, T, d = query.shape
-    kvh = key.shape[1]; G = H // kvh
-    scale = scaling if scaling is not None else d ** -0.5
-    q = query.reshape(B, kvh, G * T, d)  # the G query heads of one key/value head side by side
-    o, lse = _attend_chunked(q, key, value, scale, st.bias(attention_mask, G, query.dtype if _fused(query) else torch.float32))
-    for layers, rows in st.groups:  # each group's prefix is read once for all its rows: their queries become one long query
-        k0, v0 = layers[module.layer_idx]
-        qg = q if rows is None else q[rows]
-        n = qg.shape[0]
-        og, lg = _attend_chunked(qg.transpose(0, 1).reshape(1, kvh, n * G * T, d), k0, v0, scale)
-        og, lg = (x[0].reshape(kvh, n, G * T, -1).transpose(0, 1) for x in (og, lg))
-        w = torch.sigmoid(lg - (lse if rows is None else lse[rows]))  # the prefix's share of the softmax mass
-        if rows is None: o = torch.lerp(o, og, w)
-        else: o[rows] = torch.lerp(o[rows], og, w)
-    return o.to(query.dtype).reshape(B, H, T, d).transpose(1, 2).contiguous(), None
-
-try:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    AttentionInterface.register("vrnx_cascade", _cascade_attention); AttentionMaskInterface.register("vrnx_cascade", sdpa_mask)
-except ImportError: AttentionInterface = None  # older transformers: prompts are batched without shared prefixes
-
-_CASCADE_OK = weakref.WeakKeyDictionary()
-
-@torch.no_grad()
-def _cascade_ok(model) -> bool:
-    "Whether the model's attention can be split into a shared prefix and each row's own keys: checked once, on its logits."
-    if model in _CASCADE_OK: return _CASCADE_OK[model]
-    cfg = getattr(model, "config", None)
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    ok = AttentionInterface is not None and _GrowingLayer is not type(None) and cfg is not None and not getattr(cfg, "attn_logit_softcapping", None) \
-         and not (getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True)) \
-         and all(t == "full_attention" for t in (getattr(cfg, "layer_types", None) or []))
-    if ok:  # a plain pass over 8 tokens must give the logits of 5 tokens as prefix + 3 tokens through the cascade
-        try:
-            dev, arg = _first_param(model).device, _cache_arg(model)
-            vocab = model.get_input_embeddings().num_embeddings  # ordinary tokens: special ones (ids 1-8) drive the model to extremes
-            ids = ((100 + 37 * torch.arange(8, device=dev)) % vocab)[None]
-            full, _ = _forward(model, input_ids=ids)
-            _, cache = _forward(model, input_ids=ids[:, :5])
-            st = _Cascade(model); st.prefixes = {0: (5, [(l.keys, l.values) for l in cache.layers])}; st.use(torch.zeros(1, dtype=torch.long, device=dev))
-            with st:
-                got, _ = _forward(model, _kv_cache(None, model), arg, input_ids=ids[:, 5:], position_ids=torch.arange(5, 8, device=dev)[None],
-                                  attention_mask=torch.ones(3, 3, dtype=torch.bool, device=dev).tril()[None, None])
-            want, tol = full[:, 5:].float(), 1e-3 if full.dtype == torch.float32 else 5e-2  # half precision rounds more
-            ok = st.calls > 0 and bool((got.float() - want).abs().max() <= tol * want.abs().max().clamp(min=1))
-        except Exception: ok = False
-    _CASCADE_OK[model] = ok
-    return ok
-
-def _own_mask(mask, T:int):
-    "4D bool mask (rows, 1, T, L) of the last T tokens over a row's own tokens: causal, pads hidden."
-    L = mask.shape[1]
-    causal = torch.ones(T, L, dtype=torch.bool, device=mask.device).tril(L - T)
-    return mask.bool()[:, None, None, :] & causal
-
-def _prefix_ids(model, seqs:list, rows:list, clusters:list, st, min_shared:int|None) -> list:
-    "The prefix each of `rows` reads (a key of `st.prefixes`): its cluster's longer shared one (computed once), else the common one (0), else none (-1)."
-    base = st.prefixes.get(0); P = base[0] if base else 0
-    cluster_of = {i: c for c, m in enumerate(clusters) for i in m}
-    ids = []
-    for r in rows:
-        c = cluster_of[r]; members = clusters[c]
-        if min_shared and len(members) > 1 and c + 1 not in st.prefixes:
-            n = _common_len([seqs[i] for i in members]) - 1  # keep at least one token per row to prefill
-            st.prefixes[c + 1] = _extend_prefix(model, base, seqs[members[0]][P:n], _cache_arg(model)) if n - P >= min_shared else None
-        ids.append(c + 1 if st.prefixes.get(c + 1) else 0 if base else -1)
-    return ids
-
-@torch.no_grad()
-def _prefill(model, seqs:list, pad_id:int, st, gid:list|None, tol:float=1.05, slack:int=16, extra:int=0):
-    "(last logits, cache of each row's own tokens with room for `extra`, their mask, last positions): row r reads prefix `st.prefixes[gid[r]]`."
-    dev, arg = _first_param(model).device, _cache_arg(model)
-    if st is None:  # attention that cannot be split: one left-padded pass over whole prompts
-        ids, mask = _left_pad(seqs, pad_id, dev); pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = _forward(model, None, arg, input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1)
-        return logits[:, -1], cache, mask, pos[:, -1]
-    start = [st.prefixes[g][0] if g >= 0 else 0 for g in gid]
-    own, gid = [s[b:] for s, b in zip(seqs, start)], torch.tensor(gid, device=dev)
-    parts = []
-    for g in _length_groups([len(s) for s in own], tol, slack):  # rows of similar length prefilled together
-        ids, mask = _left_pad([own[i] for i in g], pad_id, dev)
-        pos = torch.tensor([start[i] for i in g], device=dev)[:, None] + (mask.cumsum(-1) - 1).clamp(min=0)
-        st.use(gid[g])
-        with st: logits, cache = _forward(model, _kv_cache(None, model), arg, input_ids=ids, attention_mask=_own_mask(mask, ids.shape[1]),
-                                          position_ids=pos, logits_to_keep=1)
-        parts.append((g, logits[:, -1], cache, mask, pos[:, -1]))
-    inv = torch.argsort(torch.tensor([i for g, *_ in parts for i in g], device=dev))
-    L = max(p[3].shape[1] for p in parts)
-    layers = []  # each layer: one left-padded buffer in the callers' row order, with room for `extra` more tokens
-    for j in range(len(parts[0][2].layers)):
-        k0 = parts[0][2].layers[j].keys
-        bk, bv = (k0.new_zeros(len(seqs), k0.shape[1], L + extra, k0.shape[-1]) for _ in range(2))
-        for g, _, c, m, _ in parts:
-            rows = torch.tensor(g, device=dev)
-            bk[rows, :, L - m.shape[1]:L] = c.layers[j].keys; bv[rows, :, L - m.shape[1]:L] = c.layers[j].values
-        layers.append(_GrowingLayer(bk, bv, extra, n=L))
-    cache = parts[0][2]; cache.layers = layers
-    mask = torch.cat([torch.nn.functional.pad(p[3], (L - p[3].shape[1], 0)) for p in parts])[inv]
-    return torch.cat([p[1] for p in parts])[inv], cache, mask, torch.cat([p[4] for p in parts])[inv]
-
-def _join_rows(cache, mask, cache2, mask2, extra:int):
-    "One left-padded cache (and mask) of `cache`'s rows then `cache2`'s, without columns that pad every row, with room for `extra` tokens."
-    n1, n2 = int(mask.sum(1).max()), mask2.shape[1]
-    N = max(n1, n2)
-    for j, (a, b) in enumerate(zip(cache.layers, cache2.layers)):
-        bufs = []
-        for x, y in ((a.keys, b.keys), (a.values, b.values)):
-            buf = x.new_zeros(x.shape[0] + y.shape[0], x.shape[1], N + extra, x.shape[-1])
-            buf[:x.shape[0], :, N - n1:N] = x[:, :, x.shape[2] - n1:]; buf[x.shape[0]:, :, N - n2:N] = y
-            bufs.append(buf)
-        cache.layers[j] = _GrowingLayer(*bufs, extra, n=N)
-    pad = torch.nn.functional.pad
-    return cache, torch.cat([pad(mask[:, mask.shape[1] - n1:], (N - n1, 0)), pad(mask2, (N - n2, 0))])
-
-@torch.no_grad()
-def _greedy_stream(model, enc:list, order:list, batch_size:int, max_new_tokens:int, stop:set, pad_id:int, prefix=None,
-                   min_shared:int|None=32, on_done=None) -> list:
-    "Greedy continuations (token ids, stop token excluded) of `enc`, taken in `order`; a finished row's place goes to the next prompt."
-    dev, arg = _first_param(model).device, _cache_arg(model)
-    st = _Cascade(model) if _cascade_ok(model) else None
-    if st is not None and prefix: st.prefixes[0] = prefix
-    P = prefix[0] if prefix else 0
-    clusters = _prefix_clusters(enc, P, min_shared) if st is not None and min_shared else [[i] for i in range(len(enc))]
-    cluster_of = {i: c for c, m in enumerate(clusters) for i in m}
-    out, queue = [[] for _ in enc], list(order)
-    stop_t = torch.tensor(sorted(stop) or [-1], device=dev)
-    cache = mask = last = nxt = alive = gid = count = None
-    def emit(nxt, alive, count):  # append each row's new token; which rows go on
-        done = torch.isin(nxt, stop_t); count = count + 1
-        for r, t, d in zip(alive.tolist(), nxt.tolist(), done.tolist()):
-            if not d: out[r].append(t)
-        going = ~done & (count < max_new_tokens)
-        if on_done:
-            for r in alive[~going].tolist(): on_done(r)
-        return going, count
-    # admit prompts when a quarter of the rows are free (the plain path only when all are: it cannot join caches)
-    admit_at = max(1, batch_size // 4) if st is not None else batch_size
-    while queue or (alive is not None and len(alive)):
-        n_alive = 0 if alive is None else len(alive)
-        if queue and (n_alive == 0 or batch_size - n_alive >= admit_at):
-            take, queue = queue[:batch_size - n_alive], queue[batch_size - n_alive:]
-            g2 = _prefix_ids(model, enc, take, clusters, st, min_shared) if st is not None else None
-            first, c2, m2, l2 = _prefill(model, [enc[i] for i in take], pad_id, st, g2, extra=max_new_tokens)
-            n2, a2, k2 = first.argmax(-1), torch.tensor(take, device=dev), torch.zeros(len(take), dtype=torch.long, device=dev)
-            going, k2 = emit(n2, a2, k2)
-            g2 = None if g2 is None else torch.tensor(g2, device=dev)
-            if not bool(going.all()):
-                keep = going.nonzero().squeeze(-1); c2.batch_select_indices(keep)
-                m2, l2, n2, a2, k2 = m2[keep], l2[keep], n2[keep], a2[keep], k2[keep]
-                if g2 is not None: g2 = g2[keep]
-            if n_alive == 0: cache, mask, last, nxt, alive, gid, count = c2, m2, l2, n2, a2, g2, k2
-            elif len(a2):
-                cache, mask = _join_rows(cache, mask, c2, m2, max_new_tokens)
-                last, nxt, alive, count = torch.cat([last, l2]), torch.cat([nxt, n2]), torch.cat([alive, a2]), torch.cat([count, k2])
-                if gid is not None: gid = torch.cat([gid, g2])
-            if st is not None:  # a cluster's prefix is dropped once none of its rows is waiting or writing
-                need = {0} | set(gid.tolist() if gid is not None else []) | {cluster_of[i] + 1 for i in queue}
-                for k in [k for k in st.prefixes if k not in need]: del st.prefixes[k]
-            continue  # more may be admitted before the next step
-        mask = torch.cat([mask, mask.new_ones(n_alive, 1)], 1); last = last + 1
-        if st is None: logits, cache = _forward(model, cache, arg, input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None], logits_to_keep=1)
-        else:
-            st.use(gid)
-            with st: logits, cache = _forward(model, cache, arg, input_ids=nxt[:, None], attention_mask=_own_mask(mask, 1), position_ids=last[:, None], logits_to_keep=1)
-        nxt = logits[:, -1].argmax(-1)
-        going, count = emit(nxt, alive, count)
-        if not bool(going.all()):  # finished rows leave the batch and the cache
-            keep = going.nonzero().squeeze(-1)
-            if len(keep): cache.batch_select_indices(keep)
-            mask, nxt, alive, last, count = mask[keep], nxt[keep], alive[keep], last[keep], count[keep]
-            if gid is not None: gid = gid[keep]
-    return out
-
-def _pad_id(tokenizer, model=None) -> int:
-    for v in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if v is not None: return int(v)
-    return 0
-
-def _batches(enc:list, batch_size:int, sort:bool, start:int=0, min_shared:int|None=32):
-    "Batches of indices: prompts sharing a long prefix kept together, then longest first (`sort`), else in order."
-    if not sort: order = list(range(len(enc)))
-    else:
-        clusters = sorted(_prefix_clusters(enc, start, min_shared) if min_shared else [[i] for i in range(len(enc))], key=lambda c: -max(len(enc[i]) for i in c))
-        order = [i for c in clusters for i in sorted(c, key=lambda i: -len(enc[i]))]
-    return [order[i:i+batch_size] for i in range(0, len(enc), batch_size)]
-
-def generate_batched(model, tokenizer, # a causal LM and its tokenizer
-                     prompts:list, # prompt texts (chat template already applied)
-                     batch_size:int=16, # rows per forward pass
-                     max_new_tokens:int=64, # longest reply
-                     sort:bool=True, # group prompts of similar length
-                     stop:set|None=None, # stop token ids; default `stop_token_ids`
-                     share_prefix:bool=True, # compute the prompts' common prefix once
-                     progress:bool=False, # show a progress bar
-                     return_ids:bool=False, # return the generated token ids instead of text
-                    ) -> list:
-    "Greedy replies to `prompts` (in their order): batched, left-padded, shared prefixes computed once, finished rows replaced by waiting prompts."
-    if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if max_new_tokens < 1: raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not prompts: return []
-    enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    stop = stop_token_ids(tokenizer, model) if stop is None else stop
-    prefix = _shared_prefix(model, enc, _cache_arg(model)) if share_prefix and _cascade_ok(model) else None
-    shared = 32 if share_prefix else None  # prompts sharing >= 32 more tokens (one table, one document) compute them once
-    order = [i for b in _batches(enc, batch_size, sort, prefix[0] if prefix else 0, shared) for i in b]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm; bar = tqdm(total=len(prompts), desc="generate")
-    try: ids = _greedy_stream(model, enc, order, batch_size, max_new_tokens, stop, _pad_id(tokenizer, model), prefix, shared, bar and (lambda r: bar.update()))
-    finally:
-        if bar is not None: bar.close()
-    return ids if return_ids else [tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]
-
-# %% ../nbs/06_evaluation.ipynb #dec6d8cd
-def scored_completion_ids(tokenizer, # the model's tokenizer
-                          completions:list, # one continuation text per label
-                          model=None, # adds the model's own end tokens
-                         ) -> list:
-    "Token ids `label_logliks` scores for each completion: up to and including its first end-of-turn token."
-    stop, out = stop_token_ids(tokenizer, model), []
-    for c in completions:
-        ids = tokenizer(c, add_special_tokens=False)["input_ids"]
-        if not ids: raise ValueError(f"label_logliks: completion {c!r} tokenizes to nothing")
-        out.append(ids[:next((k+1 for k, t in enumerate(ids) if t in stop), len(ids))])  # what follows end-of-turn is not scored
-    return out
-
-def _packed_completions(comp:list, dev):
-    "All completions' tokens (but each one's last) in one row: ids, next-token targets, label index, offset, block-causal mask."
-    rows = [(c[k], c[k+1], j, k) for j, c in enumerate(comp) for k in range(len(c) - 1)]
-    ids, tgt, seg, off = (torch.tensor([r[i] for r in rows], dtype=torch.long, device=dev) for i in range(4))
-    see = (seg[:, None] == seg[None, :]) & (off[None, :] <= off[:, None])  # a token sees its own label's earlier tokens
-    return ids, tgt, seg, off, see
-
-@torch.no_grad()
-def label_logliks(model, tokenizer, # a causal LM and its tokenizer
-                  prompts:list, # prompt texts (chat template applied)
-                  completions:list, # one continuation text per label
-                  batch_size:int=16, # prompts per forward pass
-                  sort:bool=True, # group prompts of similar length
-                  share_prefix:bool=True, # compute the prompts' common prefix once
-                 ) -> np.ndarray:
-    "Total log-probability of each completion (up to its first end token) after each prompt, shape (prompts, completions)."
-    if not completions: raise ValueError("label_logliks: no completions (empty label set)")
-    dev, arg = _first_param(model).device, _cache_arg(model)
-    enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    comp = scored_completion_ids(tokenizer, completions, model)
-    C = len(comp)
-    heads = torch.tensor([c[0] for c in comp], device=dev)
-    ids, tgt, seg, off, see = _packed_completions(comp, dev)
-    st = _Cascade(model) if _cascade_ok(model) else None
-    prefix = _shared_prefix(model, enc, arg) if share_prefix and enc and st else None
-    out = np.zeros((len(prompts), C))
-    shared = 32 if share_prefix else None
-    for idx in _batches(enc, batch_size, sort, prefix[0] if prefix else 0, shared):
-        B = len(idx)
-        seqs = [enc[i] for i in idx]
-        gid = None
-        if st is not None:  # prompts of this batch sharing a longer prefix (one document) read it once
-            st.prefixes = {0: prefix} if prefix else {}
-            clusters = _prefix_clusters(seqs, prefix[0] if prefix else 0, shared) if shared else [[i] for i in range(B)]
-            gid = _prefix_ids(model, seqs, list(range(B)), clusters, st, shared)
-        logits, cache, mask, last = _prefill(model, seqs, _pad_id(tokenizer), st, gid)
-        total = torch.log_softmax(logits.float(), -1)[:, heads]  # (B, C): each completion's first token
-        if len(ids):  # every label's later tokens in one row per prompt, kept apart by a block-causal mask
-            allowed = torch.cat([mask.bool()[:, None, :].expand(B, len(ids), -1), see.expand(B, -1, -1)], -1)[:, None]
-            pos = last[:, None] + 1 + off[None, :]
-            if st is None:
-                bias = torch.zeros(allowed.shape, dtype=logits.dtype, device=dev).masked_fill(~allowed, torch.finfo(logits.dtype).min)
-                logits2, _ = _forward(model, cache, arg, input_ids=ids.expand(B, -1), attention_mask=bias, position_ids=pos)
-            else:
-                st.use(torch.tensor(gid, device=dev))
-                with st: logits2, _ = _forward(model, cache, arg, input_ids=ids.expand(B, -1), attention_mask=allowed, position_ids=pos)
-            lp = torch.log_softmax(logits2.float(), -1).gather(-1, tgt.expand(B, -1)[..., None]).squeeze(-1)
-            total = total.index_add(1, seg, lp)
-        out[idx] = total.cpu().numpy()
-    return out
-
 # %% ../nbs/06_evaluation.ipynb #d46aee6e
 def _load_dir(path:Path, base=None):
     "Model and tokenizer from a training output folder."
     try:
         from vrnx_nb import training
-        if hasattr(training, "load_trained") and (path/getattr(training, "RUN_FILE", "vrnx_run.json")).exists(): return training.load_trained(path)
+        if hasattr(training, "load_trained") and (path/getattr(training, "RUN_FILE", "vrnx_run.json")).exists():
+            return training.load_trained(path)
     except ImportError: pass
     from vrnx_nb.models import load_model, load_tokenizer
     if (path/"bottleneck_config.json").exists():
@@ -774,7 +89,8 @@ def load_for_eval(model_or_result, # name/folder, (model, tokenizer), or a train
     "`(model, tokenizer, name, method)` for anything `evaluate` accepts."
     from vrnx_nb.models import load_model
     if isinstance(model_or_result, (tuple, list)):
-        if len(model_or_result) != 2: raise ValueError(f"expected a (model, tokenizer) pair, got {len(model_or_result)} items")
+        if len(model_or_result) != 2:
+            raise ValueError(f"expected a (model, tokenizer) pair, got {len(model_or_result)} items")
         model, tok = model_or_result
         return model.eval(), tok, getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__, ""
     if hasattr(model_or_result, "output_dir"):
@@ -783,7 +99,8 @@ def load_for_eval(model_or_result, # name/folder, (model, tokenizer), or a train
         return model.eval(), tok, str(r.output_dir), str(getattr(r, "method", "") or "")
     if isinstance(model_or_result, (str, Path)):
         path = Path(model_or_result).expanduser()
-        if path.is_dir() and any((path/f).exists() for f in ("adapter_config.json", "bottleneck_config.json", "vrnx_run.json")):
+        markers = ("adapter_config.json", "bottleneck_config.json", "vrnx_run.json")
+        if path.is_dir() and any((path/f).exists() for f in markers):
             model, tok = _load_dir(path)
         else: model, tok = load_model(str(model_or_result))
         return model.eval(), tok, str(model_or_result), ""
@@ -791,12 +108,16 @@ def load_for_eval(model_or_result, # name/folder, (model, tokenizer), or a train
                      "a (model, tokenizer) pair, or a training result with an `output_dir`")
 
 # %% ../nbs/06_evaluation.ipynb #5319781f
-def default_max_new_tokens(task, tokenizer, cap:int=256) -> int:
+def default_max_new_tokens(task, # the `Task` whose train targets set the budget
+                           tokenizer, # the model's tokenizer
+                           cap:int=256, # the budget never exceeds this
+                          ) -> int:
     "Reply budget for `task`: 1.25 x the 99th-percentile token length of its train targets (with end-of-turn)."
     try: exs = task.split("train")
     except ValueError: return min(cap, 128)
     exs = exs[:: max(1, len(exs)//500)]
-    lens = [len(tokenizer(render_pair(task, e, tokenizer)["completion"], add_special_tokens=False)["input_ids"]) for e in exs]
+    lens = [len(tokenizer(render_pair(task, e, tokenizer)["completion"], add_special_tokens=False)["input_ids"])
+            for e in exs]
     return int(min(cap, max(4, math.ceil(1.25 * np.percentile(lens, 99)))))
 
 # %% ../nbs/06_evaluation.ipynb #0fffc053
@@ -850,6 +171,7 @@ class Scores:
 
 # %% ../nbs/06_evaluation.ipynb #795539ca
 def _write_predictions(path:Path, examples, raws, preds, per_example):
+    "One JSON line per example: id, input (first 300 characters), prediction, reference, scores, generation if it differs."
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for ex, raw, p, s in zip(examples, raws, preds, per_example):
@@ -882,15 +204,18 @@ def evaluate(model_or_result, # model name/folder, (model, tokenizer), or a trai
              mode:str|None=None, # 'loglik' (classification default) or 'generate'
              method:str|None=None, # row name in results tables; default: the result's method or 'zero-shot'
              progress:bool=False, # show a progress bar
-             calibration="auto", # label decisions: 'auto' (the run's calibration.json if any), a `Calibration`, or None (argmax)
+             calibration="auto", # 'auto' (the run's calibration.json if any), a `Calibration`, or None (argmax)
             ) -> Scores:
     "Generate (or score labels) for `task`'s `split`; score it with CIs, per-label scores, confusion and warnings."
     if isinstance(task, str): task = load_task(task)
-    if task.kind not in METRICS: raise ValueError(f"Task {task.name!r}: no metric for task kind {task.kind!r}; supported kinds: {sorted(METRICS)}")
+    if task.kind not in METRICS:
+        raise ValueError(f"Task {task.name!r}: no metric for task kind {task.kind!r}; supported kinds: {sorted(METRICS)}")
     mode = mode or ("loglik" if task.kind == "classification" else "generate")
     if mode not in ("loglik", "generate"): raise ValueError(f"mode must be 'loglik' or 'generate', got {mode!r}")
-    if mode == "loglik" and task.kind != "classification": raise ValueError(f"mode='loglik' needs a classification task; {task.name!r} is {task.kind}")
-    if limit is not None and (not isinstance(limit, int) or limit < 1): raise ValueError(f"limit must be a positive integer, got {limit!r}")
+    if mode == "loglik" and task.kind != "classification":
+        raise ValueError(f"mode='loglik' needs a classification task; {task.name!r} is {task.kind}")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive integer, got {limit!r}")
     examples = task.split(split)[:limit]
     model, tok, name, rmethod = load_for_eval(model_or_result)
     method = method or rmethod or "zero-shot"
@@ -916,10 +241,11 @@ def evaluate(model_or_result, # model name/folder, (model, tokenizer), or a trai
     extra = {}
     if task.kind == "classification":
         w = collapse_warning(preds, [e.target for e in examples], split)
-        extra = dict(per_label=res["per_label"], confusion=res["confusion"], labels=res["labels"], warnings=[w] if w else [])
+        extra = dict(per_label=res["per_label"], confusion=res["confusion"], labels=res["labels"],
+                     warnings=[w] if w else [])
     return Scores(task.name, task.kind, task.metric, res["metrics"], res["ci"], len(examples), res.get("unmatched"),
-                  len(examples)/seconds, seconds, str(path) if path else None, name, method, split, mode, batch_size, max_new_tokens,
-                  **extra, calibrated=rule is not None)
+                  len(examples)/seconds, seconds, str(path) if path else None, name, method, split, mode, batch_size,
+                  max_new_tokens, **extra, calibrated=rule is not None)
 
 # %% ../nbs/06_evaluation.ipynb #9f325535
 def _classification_parts(scores, who:str) -> tuple:
@@ -974,7 +300,8 @@ def _run_fields(run) -> tuple:
     if isinstance(run, dict):
         missing = [k for k in ("method", "task") if k not in run]
         if missing: raise ValueError(f"run {run!r:.80}: missing {missing}")
-        metric = run.get("metric") or {"legal": "accuracy", "medical": "rougeL", "finance": "exact_match"}.get(run["task"], "score")
+        default = {"legal": "accuracy", "medical": "rougeL", "finance": "exact_match"}.get(run["task"], "score")
+        metric = run.get("metric") or default
         if "score" in run: value = run["score"]
         elif isinstance(run.get("metrics"), dict) and metric in run["metrics"]: value = run["metrics"][metric]
         else: raise ValueError(f"run {run!r:.80}: needs 'score' or 'metrics' with {metric!r}")
@@ -1001,7 +328,8 @@ def results_table(runs:list, # `Scores` or dicts with method, task and score (or
     for (m, t), v in vals.items(): df.loc[m, col[t]] = float(np.mean(v))
     df["average"] = df[[col[t] for t in tasks]].mean(axis=1, skipna=False)
     ref = reference or next((m for m in methods if str(m).lower() in FULL_NAMES), None)
-    if reference is not None and reference not in methods: raise ValueError(f"reference method {reference!r} is not among {methods}")
+    if reference is not None and reference not in methods:
+        raise ValueError(f"reference method {reference!r} is not among {methods}")
     df["% of full fine-tuning"] = 100*df["average"]/df.loc[ref, "average"] if ref is not None else np.nan
     df = df.round(digits)
     df.attrs["ci"] = {(m, col[t]): tuple(np.mean(c, axis=0)) for (m, t), c in cis.items()}
@@ -1035,7 +363,8 @@ def _draw_cis(ax, table, cols, methods):
         for bar, c in zip(cont, cols):
             if (m, c) in cis and not np.isnan(bar.get_height()):
                 lo, hi = cis[(m, c)]; x = bar.get_x() + bar.get_width()/2
-                ax.errorbar(x, bar.get_height(), yerr=[[bar.get_height()-lo], [hi-bar.get_height()]], color="black", capsize=4, lw=1.5)
+                ax.errorbar(x, bar.get_height(), yerr=[[bar.get_height()-lo], [hi-bar.get_height()]], color="black",
+                            capsize=4, lw=1.5)
         ax.bar_label(cont, fmt="%.1f", fontsize=11, padding=2, label_type="center", color="white")
 
 # %% ../nbs/06_evaluation.ipynb #77494540
@@ -1055,12 +384,14 @@ def main_eval(argv:list|None=None) -> int:
     p.add_argument("--limit", type=int, default=None, help="first N examples of the split")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--mode", choices=["loglik", "generate"], default=None, help="classification: label log-likelihood (default) or generation")
+    p.add_argument("--mode", choices=["loglik", "generate"], default=None,
+                   help="classification: label log-likelihood (default) or generation")
     p.add_argument("--save-dir", default=None, help="write per-example predictions (JSONL) here")
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", default=None, help="save a results chart (PNG) here")
-    p.add_argument("--no-calibration", action="store_true", help="classification: plain argmax even when a run holds calibration.json")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="classification: plain argmax even when a run holds calibration.json")
     a = p.parse_args(argv)
     targets = ([] if a.no_zero_shot and a.run else [(a.model, "zero-shot")]) + [(r, _run_method(r)) for r in a.run]
     names = [m for _, m in targets]
@@ -1071,8 +402,8 @@ def main_eval(argv:list|None=None) -> int:
             loaded = load_for_eval(target)
             for t in a.task:
                 rule = None if a.no_calibration else _decision_rule("auto", target, load_task(t))  # the run's own rule
-                s = evaluate(loaded[:2], t, a.split, a.batch_size, a.max_new_tokens, a.limit, a.save_dir, a.n_boot, a.seed, a.mode, method,
-                             calibration=rule)
+                s = evaluate(loaded[:2], t, a.split, a.batch_size, a.max_new_tokens, a.limit, a.save_dir, a.n_boot, a.seed,
+                             a.mode, method, calibration=rule)
                 s.model = str(target); runs.append(s)
                 print(s.summary(warnings=False), *(f"warning: {w}" for w in s.warnings), sep="\n", flush=True)
     except ValueError as e:
