@@ -1,5 +1,4 @@
-"""Each task's metric on real generations, with bootstrap confidence intervals, saved predictions and the paper's
-results table.
+"""Each task's metric on real generations, with bootstrap confidence intervals, saved predictions and the paper's results table.
 
 Docs: https://vrnx.github.io/vrnx_nb/evaluation.html.md"""
 

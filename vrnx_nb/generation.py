@@ -1,5 +1,4 @@
-"""Batched greedy generation and label log-likelihoods for a causal LM: shared prompt prefixes computed and kept once, a
-key-value cache that grows in place, and continuous batching.
+"""Batched greedy generation and label log-likelihoods: shared prefixes kept once, a growing cache, continuous batching.
 
 Docs: https://vrnx.github.io/vrnx_nb/generation.html.md"""
 

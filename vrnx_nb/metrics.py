@@ -1,5 +1,4 @@
-"""Accuracy, macro-F1 with per-label scores and the confusion matrix, ROUGE, and TAT-QA exact match and F1, each with a
-seeded bootstrap confidence interval.
+"""Accuracy, macro-F1, per-label scores, confusion matrix, ROUGE and TAT-QA EM/F1, each with a seeded bootstrap CI.
 
 Docs: https://vrnx.github.io/vrnx_nb/metrics.html.md"""
 
