@@ -1,0 +1,114 @@
+"Helpers of bench/train_throughput.py and bench/gpu_check.py: run order, FLOP counts, matmul shapes, peak and ratio lines, token counts, guarded stages."
+import csv, importlib.util, json
+from pathlib import Path
+import pytest, torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT/"bench"/f"{name}.py")
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    return mod
+
+
+tt, gpuc = _load("train_throughput"), _load("gpu_check")
+SMOL = json.loads((ROOT/"vrnx_nb"/"model_configs"/"smollm2-135m.json").read_text())
+
+
+def test_kinds_aliases_order_and_unknown_names():
+    assert tt.canonical_kinds("naive, lora,trl,lora,full,,trl-packed") == ["naive-lora", "lora", "trl-lora", "full", "trl-lora-packed"]
+    with pytest.raises(ValueError, match="unknown kind 'lorra'.*naive-lora"): tt.canonical_kinds("lora,lorra")
+
+
+def test_lora_kinds_alternate_over_rounds_and_the_others_run_once():
+    order = tt.run_order(["full", "naive-lora", "lora", "qlora", "trl-lora"], 2)
+    assert order == [(0, "naive-lora"), (0, "lora"), (0, "trl-lora"), (1, "naive-lora"), (1, "lora"), (1, "trl-lora"),
+                     (0, "full"), (0, "qlora")]
+    assert tt.run_order(["lora"], 1) == [(0, "lora")]
+
+
+def test_flops_per_token_6n_full_and_4n_plus_2_trainable_otherwise():
+    assert tt.flops_per_token("full", 100, 100) == 600
+    for k in ("lora", "naive-lora", "trl-lora", "qlora", "adapter", "lora-padded"): assert tt.flops_per_token(k, 100, 5) == 410
+
+
+def test_model_matmul_shapes_of_smollm2():
+    s = {name: (m, k, n) for name, m, k, n in tt.model_matmul_shapes(SMOL, 1024)}
+    assert s["q_proj"] == (1024, 576, 576) and s["k_proj"] == (1024, 576, 192)  # 9 heads x 64, 3 kv heads x 64
+    assert s["gate_up_proj"] == (1024, 576, 1536) and s["down_proj"] == (1024, 1536, 576)
+    assert s["lm_head"] == (1024, 576, 49152) and s["grad_x_lm_head"] == (1024, 49152, 576)
+    assert s["grad_w_gate_up"] == (576, 1024, 1536) and s["lora_a"] == (1024, 576, 16)
+
+
+def test_measured_matmul_rate_is_flops_over_seconds():
+    rows = tt.measure_peak("before", [("square_64", 64, 64, 64), ("q", 32, 64, 16)], "cpu", repeats=2)
+    assert [r["shape"] for r in rows] == ["square_64", "q"] and all(r["seconds"] > 0 for r in rows)
+    for r in rows: assert r["gflops"] == pytest.approx(2 * r["m"] * r["k"] * r["n"] / r["seconds"] / 1e9)
+    assert rows[0]["threads"] == torch.get_num_threads() and rows[0]["dtype"] == "float32"
+
+
+def test_peak_is_the_best_over_shapes_and_passes():
+    rows = [{"shape": "square_512", "gflops": 90.0}, {"shape": "lm_head", "gflops": 80.0},
+            {"shape": "lm_head", "gflops": 120.0}, {"shape": "q_proj", "gflops": 60.0}]
+    assert tt.peak_summary(rows) == (120.0, 120.0, "lm_head")
+    assert tt.peak_summary(rows[:2]) == (90.0, 80.0, "square_512")  # the model's best apart from the squares
+    with pytest.raises(ValueError, match="no matmul"): tt.peak_summary([])
+
+
+def test_ratio_lines_per_round_and_missing_kinds():
+    rows = [{"kind": "lora", "round": 0, "useful_tokens_per_s": 400.0}, {"kind": "naive-lora", "round": 0, "useful_tokens_per_s": 100.0},
+            {"kind": "lora", "round": 1, "useful_tokens_per_s": 200.0}, {"kind": "naive-lora", "round": 1, "useful_tokens_per_s": 100.0}]
+    line = tt.ratio_line(rows, "lora", "naive-lora", 4.0)
+    assert line.startswith("lora / naive-lora useful tokens/s: 3.00x") and "per round 2.00x-4.00x" in line and line.endswith("NOT MET")
+    assert tt.ratio_line(rows[:2], "lora", "naive-lora", 4.0).endswith(" MET")
+    assert tt.ratio_line(rows, "lora", "trl-lora", 1.3) == "lora / trl-lora: n/a (trl-lora did not run)"
+
+
+def test_batch_tokens_counts_non_padding_tokens():
+    ids = torch.ones(2, 5, dtype=torch.long)
+    assert tt.batch_tokens({"input_ids": ids, "real_tokens": torch.tensor(7)}) == (7, 10)  # vrnx padded rows
+    assert tt.batch_tokens({"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1] * 5])}) == (8, 10)
+    assert tt.batch_tokens({"input_ids": torch.ones(1, 9), "position_ids": torch.zeros(1, 9)}) == (9, 9)  # padding-free row
+    shared = {"input_ids": ids, "real_tokens": torch.tensor(30), "prefix_ids": torch.ones(1, 10, dtype=torch.long)}
+    assert tt.batch_tokens(shared) == (30, 20)  # a 10-token prefix run once for 2 examples of 15 tokens each
+
+
+def test_collator_description_names_what_it_wraps():
+    class PaddedCollator: pass
+    class SharedPrefixCollator:
+        def __init__(self): self.fallback, self.pad = PaddedCollator(), 0
+    assert tt.describe_collator(SharedPrefixCollator()) == "SharedPrefixCollator(PaddedCollator)"
+    assert tt.describe_collator(PaddedCollator()) == "PaddedCollator" and tt.describe_collator(len) == "builtin_function_or_method"
+
+
+def test_gpu_check_helpers(tmp_path):
+    assert gpuc.ratio(3.0, 2.0) == 1.5 and gpuc.ratio(None, 2.0) is None and gpuc.ratio(1.0, 0) is None
+    assert gpuc.error_text(ValueError("bad\n  model  x")) == "error: ValueError: bad model x"
+    assert [gpuc.estimate_dtype(m, "cuda") for m in gpuc.METHODS] == ["float32", "bfloat16", "bfloat16", "bfloat16"]
+    assert gpuc.estimate_dtype("lora", "cpu") == "float32"
+    t = gpuc.Table(tmp_path/"x.csv", ["a", "b"])
+    t.add({"a": 1, "b": 2}); assert list(csv.DictReader(open(tmp_path/"x.csv"))) == [{"a": "1", "b": "2"}]  # written at once
+    t.add({"a": 3, "c": 9}); assert len(list(csv.DictReader(open(tmp_path/"x.csv")))) == 2
+
+
+def _rows(path): return list(csv.DictReader(open(path)))
+
+
+def test_gpu_check_records_a_failed_stage_and_goes_on(tmp_path):
+    rc = gpuc.main(["--device", "cpu", "--model", str(tmp_path/"no-such-model"), "--tasks", "legal,medical", "--methods", "lora",
+                  "--out-dir", str(tmp_path), "--work", str(tmp_path/"work")])
+    assert rc == 1
+    train = _rows(tmp_path/"gpu_train.csv")
+    assert [(r["task"], r["method"]) for r in train] == [("legal", "lora"), ("medical", "lora")]  # the second task still tried
+    assert all(r["status"].startswith("error: ValueError:") and "no-such-model" in r["status"] for r in train)
+    assert {r["status"] for r in _rows(tmp_path/"gpu_eval.csv")} == {"skipped: training failed"}
+    assert {r["status"] for r in _rows(tmp_path/"gpu_export.csv")} == {"skipped: no lora run"}
+    env = {r["key"]: r["value"] for r in _rows(tmp_path/"gpu_env.csv")}
+    assert env["device"] == "cpu" and "python_total_s" in env and "Traceback" in (tmp_path/"gpu_check.log").read_text()
+
+
+def test_gpu_check_time_limit_skips_and_records(tmp_path):
+    assert gpuc.main(["--device", "cpu", "--model", "tiny", "--tasks", "legal", "--time-limit", "0", "--out-dir", str(tmp_path)]) == 1
+    assert [r["status"] for r in _rows(tmp_path/"gpu_train.csv")] == ["skipped: time limit"] * 4
+    assert [r["format"] for r in _rows(tmp_path/"gpu_export.csv")] == ["merged", "gptq"]
