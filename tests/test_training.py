@@ -5,6 +5,7 @@ import pytest, torch
 from vrnx_nb.models import tiny_model
 from vrnx_nb.tasks import load_task, render_pair, Task, Example
 from vrnx_nb.training import (finetune, TrainConfig, tokenize_example, tokenize_split, PackedCollator, PaddedCollator, ONE_ROW, pack_rows,
+                              SharedPrefixCollator, shared_prefix_len,
                               per_example_loss, load_trained, TrainResult, RUN_FILE)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +76,25 @@ def test_rows_no_longer_than_the_longest_example(tiny, task):
     assert int(b["real_tokens"]) == sum(lengths)
     assert int((b["position_ids"] == 0).sum()) == len(rows) + 1  # each example starts a sequence, and the pads
     assert pack_rows([10, 10, 25], 20) == [[0, 1], [2]]
+
+def test_shared_prefix_falls_back_when_it_would_pad_more(tiny, task):
+    _, tok = tiny
+    rows, _ = tokenize_split(task, "train", tok, limit=4)
+    p = shared_prefix_len(rows)
+    assert p > 16 and all(r["input_ids"][:p] == rows[0]["input_ids"][:p] for r in rows)
+    first_loss = min(next(i for i, l in enumerate(r["labels"]) if l != -100) for r in rows)
+    assert p < first_loss  # the logit predicting the first completion token is computed in the rows
+    collate = SharedPrefixCollator(PackedCollator(pad_token_id=tok.pad_token_id), tok.pad_token_id)
+    assert collate(rows)["prefix_ids"].shape == (1, p)
+    long = {"input_ids": rows[0]["input_ids"][:p] + list(range(5, 5 + 600)) + rows[0]["input_ids"][p:],
+            "labels": [-100] * (p + 600) + rows[0]["labels"][p:]}
+    assert "prefix_ids" not in collate(rows + [long])  # every suffix row would pad to 600+ tokens
+
+def test_shared_prefix_trains_like_full_sequences(task, tmp_path):
+    runs = [finetune("tiny", task, method="lora", r=4, max_steps=3, batch_size=4, early_stopping_patience=None, seed=1,
+                     share_prefix=share, output_dir=tmp_path/str(share)) for share in (True, False)]
+    losses = [[h["loss"] for h in r.history if h["split"] == "train"] for r in runs]
+    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], abs=1e-4)
 
 # --- bad input ---
 

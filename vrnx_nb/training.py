@@ -18,10 +18,10 @@ quiet_libraries()  # before transformers and peft are imported
 __all__ = ['METHODS', 'BALANCE_MODES', 'DEFAULT_LR', 'ADAPTER_CONFIG_NAME', 'ADAPTER_WEIGHTS_NAME', 'ADAPTER_TARGETS', 'ONE_ROW',
            'LOG_FIELDS', 'RUN_FILE', 'RUN_TASK_FILE', 'TrainConfig', 'BottleneckConfig', 'BottleneckLayer',
            'BottleneckModel', 'tokenize_example', 'tokenize_split', 'pack_rows', 'PackedCollator', 'PaddedCollator',
-           'per_example_loss', 'varlen_attention', 'train_collator', 'label_balance_weights', 'balanced_sampler',
-           'completion_positions', 'completion_loss', 'CSVLogCallback', 'QuietProgressCallback', 'TrainResult',
-           'bnb_config', 'build_model', 'VrnxTrainer', 'save_run_task', 'load_run_task', 'finetune', 'load_trained',
-           'merge_and_save', 'main_train']
+           'shared_prefix_len', 'SharedPrefixCollator', 'forward_batch', 'per_example_loss', 'varlen_attention',
+           'train_collator', 'label_balance_weights', 'balanced_sampler', 'completion_positions', 'completion_loss',
+           'CSVLogCallback', 'QuietProgressCallback', 'TrainResult', 'bnb_config', 'build_model', 'VrnxTrainer',
+           'save_run_task', 'load_run_task', 'finetune', 'load_trained', 'merge_and_save', 'main_train']
 
 # %% ../nbs/05_training.ipynb #fc51ac43
 METHODS = ("full", "lora", "qlora", "adapter")
@@ -47,6 +47,7 @@ class TrainConfig:
     eval_steps: int|None = None # evaluate (and checkpoint) every this many steps; default twice per epoch
     max_length: int|None = None # truncate examples to this many tokens; default the model's context
     packing: bool|None = None # True: one padding-free row; False: length-grouped padded rows; None: by attention kernel
+    share_prefix: bool = True # run the prompt prefix a batch shares once (exact; not with gradient checkpointing)
     max_val_examples: int|None = None # evaluate on at most this many validation examples
     warmup_ratio: float = 0.05 # share of steps with a rising learning rate
     weight_decay: float = 0.0 # AdamW weight decay
@@ -282,10 +283,47 @@ class PaddedCollator:
         if "weight" in features[0]: batch["token_weights"] = mask * torch.tensor([[f["weight"]] for f in features])
         return batch
 
+
+# %% ../nbs/05_training.ipynb #838b3b29
+def shared_prefix_len(features:list, # tokenized examples (`input_ids`, `labels`)
+                     ) -> int:
+    "Tokens every example of a batch starts with, stopping before the token that predicts the first completion token."
+    ids = [f["input_ids"] for f in features]
+    first_loss = min(next((i for i, l in enumerate(f["labels"]) if l != -100), len(f["labels"])) for f in features)
+    limit, n = min(first_loss - 1, *map(len, ids)), 0
+    while n < limit and all(s[n] == ids[0][n] for s in ids): n += 1
+    return n
+
+class SharedPrefixCollator:
+    "One row per example after the prompt prefix the batch shares (`prefix_ids`, run once), or `fallback`'s batch if smaller."
+    def __init__(self, fallback, # the collator for batches without a long shared prefix
+                 pad_token_id:int, # pads the suffix rows
+                 min_prefix:int=16, # share only prefixes at least this long
+                ): self.fallback, self.pad, self.min_prefix = fallback, pad_token_id, min_prefix
+    def __call__(self, features):
+        p = shared_prefix_len(features) if len(features) > 1 else 0
+        other = self.fallback(features)
+        if p < self.min_prefix: return other
+        batch = PaddedCollator(self.pad)([{**f, "input_ids": f["input_ids"][p:], "labels": f["labels"][p:]} for f in features])
+        if p + batch["input_ids"].numel() >= other["input_ids"].numel(): return other  # one long suffix pads every row
+        batch["prefix_ids"] = torch.tensor([features[0]["input_ids"][:p]])
+        batch["real_tokens"] = torch.tensor(sum(len(f["input_ids"]) for f in features))
+        return batch
+
+def forward_batch(model, # a causal LM (peft or adapter wrapped)
+                  batch:dict, # from a training collator
+                  **kwargs, # more forward arguments (`logits_to_keep`)
+                 ):
+    "The model's outputs on a collated batch; a shared `prefix_ids` runs once and its cache serves every row."
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "real_tokens", "token_weights", "prefix_ids")}
+    if "prefix_ids" not in batch: return model(**inputs, **kwargs)
+    cache, n = model(input_ids=batch["prefix_ids"], use_cache=True).cache, inputs["input_ids"].shape[0]
+    for layer in cache.layers: layer.keys, layer.values = layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1)
+    return model(**inputs, cache=cache, **kwargs)
+
 def per_example_loss(model, batch) -> list[float]:
     "Mean completion loss of each example in a packed or padded batch, in row order (for checks)."
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "real_tokens", "token_weights")}
-    with torch.no_grad(): logits = model(**inputs).logits.float()
+    with torch.no_grad(): logits = forward_batch(model, batch).logits.float()
     labels = batch["labels"]
     losses = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none")
     pos = batch.get("position_ids")
@@ -302,10 +340,11 @@ def varlen_attention(model) -> bool:
     "Whether `model` attends within packed sequences only (flash-attention's varlen kernels), so packing wastes nothing."
     return str(getattr(model.config, "_attn_implementation", "") or "").startswith("flash_attention")
 
-def train_collator(model, tokenizer, packing:bool|None=None):
-    "The training collator: one packed row with varlen attention or `packing=True`; rows as long as the longest example else."
-    if packing is False: return PaddedCollator(tokenizer.pad_token_id)
-    return PackedCollator(ONE_ROW if packing or varlen_attention(model) else None, tokenizer.pad_token_id)
+def train_collator(model, tokenizer, packing:bool|None=None, share_prefix:bool=True):
+    "Training batches: the shared prompt prefix once; then one packed row (varlen attention, `packing=True`) or rows."
+    if packing is False: rows = PaddedCollator(tokenizer.pad_token_id)
+    else: rows = PackedCollator(ONE_ROW if packing or varlen_attention(model) else None, tokenizer.pad_token_id)
+    return SharedPrefixCollator(rows, tokenizer.pad_token_id) if share_prefix and packing is not True else rows
 
 # %% ../nbs/05_training.ipynb #cce1c198
 def label_balance_weights(targets:list, # each training example's label
@@ -527,10 +566,11 @@ class VrnxTrainer(Trainer):
             self.useful_tokens += int(real if real is not None else mask.sum() if mask is not None else inputs["input_ids"].numel())
         inputs.pop("real_tokens", None)
         weights = inputs.pop("token_weights", None)
-        if not self.sliced_logits and weights is None: return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if not self.sliced_logits and weights is None and "prefix_ids" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs.pop("labels")
         keep = {"logits_to_keep": completion_positions(labels)} if self.sliced_logits else {}
-        outputs = model(**inputs, **keep)
+        outputs = forward_batch(model, inputs, **keep)
         per_batch = weights is not None or num_items_in_batch is None or not model.training
         loss = completion_loss(outputs.logits, labels, weights, None if per_batch else num_items_in_batch)
         self.loss_is_scaled_for_ga = not per_batch  # a per-batch mean is divided over accumulation steps by the Trainer
@@ -738,7 +778,7 @@ def finetune(model:str, # model alias ('smollm2-135m', 'tiny'), local folder or 
     cbs = [CSVLogCallback(out/"log.csv")] + list(callbacks or [])
     if has_val and cfg.early_stopping_patience: cbs.append(EarlyStoppingCallback(cfg.early_stopping_patience))
     trainer = VrnxTrainer(model=mdl, args=args, train_dataset=train_rows, eval_dataset=val_rows, processing_class=tok,
-                          sample_weights=weights if cfg.balance == "oversample" else None, data_collator=train_collator(mdl, tok, cfg.packing), callbacks=cbs)
+                          sample_weights=weights if cfg.balance == "oversample" else None, data_collator=train_collator(mdl, tok, cfg.packing, cfg.share_prefix and not cfg.gradient_checkpointing), callbacks=cbs)
     if any(isinstance(c, ProgressCallback) for c in trainer.callback_handler.callbacks):
         trainer.remove_callback(ProgressCallback); trainer.add_callback(QuietProgressCallback())
     if device == "cuda": torch.cuda.reset_peak_memory_stats()
