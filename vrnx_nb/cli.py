@@ -67,7 +67,9 @@ def _demo_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-gb", type=float, default=None, help="GPU memory budget; default: plan for this machine")
     p.add_argument("--augment", type=int, default=0, help="synthetic examples to request from the local teacher (0: skip; slow on a CPU)")
     p.add_argument("--method", default=None, help="override the recommended method (full, lora, qlora, adapter)")
-    p.add_argument("--max-steps", type=int, default=25, help="optimizer steps (a short CPU run)")
+    p.add_argument("--max-steps", type=int, default=20, help="optimizer steps of 16 examples (a short CPU run)")
+    p.add_argument("--score-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="dtype to score in (zero-shot and fine-tuned alike); auto: bfloat16 where the hardware has it")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate: a short run needs a high one (legal, 40 steps: "
                    "1e-3 beat 3e-4, experiments/results.csv); None: the strategy's")
     p.add_argument("--eval-limit", type=int, default=None, help="test examples to score (default: the whole test split)")
@@ -90,7 +92,8 @@ def main_demo(argv:list|None=None) -> int:
     "The main job on the embedded defaults: recommend, augment, evaluate zero-shot, fine-tune, calibrate, evaluate, report."
     from pathlib import Path
     import pandas as pd
-    from vrnx_nb.models import load_model, cache_dir
+    import torch
+    from vrnx_nb.models import load_model, cache_dir, inference_dtype
     from vrnx_nb.tasks import load_task, task_card
     from vrnx_nb.recommend import recommend
     from vrnx_nb.training import finetune
@@ -100,8 +103,10 @@ def main_demo(argv:list|None=None) -> int:
     out = Path(args.out or cache_dir()/"demo"/f"{args.task}-n{args.n_train}")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    model, tokenizer = load_model(args.model)
-    print(f"[1/6] Loaded {args.model} in {time.time()-t0:.1f}s ({sum(p.numel() for p in model.parameters())/1e6:.1f}M parameters, {model.device})\n")
+    score_dtype = inference_dtype() if args.score_dtype == "auto" else getattr(torch, args.score_dtype)
+    model, tokenizer = load_model(args.model, dtype=score_dtype)
+    print(f"[1/6] Loaded {args.model} in {time.time()-t0:.1f}s ({sum(p.numel() for p in model.parameters())/1e6:.1f}M parameters, "
+          f"{model.device}; scored in {str(score_dtype).removeprefix('torch.')})\n")
     classify = load_task(args.task).kind == "classification"
     task = load_task(args.task, n_train=args.n_train, min_per_label=args.min_per_label if classify else None)
     print(task_card(task), end="\n\n")
@@ -133,11 +138,11 @@ def main_demo(argv:list|None=None) -> int:
     print(f"[5/6] Fine-tuning: {kwargs}")
     result = finetune(args.model, task, output_dir=str(out/f"run-{kwargs['method']}"), overwrite=True, resume=False, **kwargs)
     print(f"  {result!r}")
-    target = result
-    if classify:  # the fine-tuned model is loaded once, to calibrate and to score
+    from vrnx_nb.evaluation import load_for_eval
+    tuned_model, tuned_tok = load_for_eval(result)[:2]  # loaded once, to calibrate and to score
+    target = (tuned_model.to(score_dtype), tuned_tok)  # scored in the dtype the zero-shot model was
+    if classify:
         from vrnx_nb.calibration import save_calibration
-        from vrnx_nb.evaluation import load_for_eval
-        target = load_for_eval(result)[:2]
         rule = calibrate(target, task)
         save_calibration(rule, result.output_dir)  # kept with the run: `evaluate`, `vrnx eval` and exports apply it
         form = "per-token log-likelihood" if rule.normalize else "total log-likelihood"

@@ -31,7 +31,9 @@ TOKENS_PER_S, EXAMPLES_PER_S = 76.0, {"legal": 1.0, "medical": 0.7, "finance": 0
 EXP_METHODS = ("zero-shot", "full", "lora", "qlora", "adapter")
 AUGMENT_DEFAULT = 32 # synthetic examples requested when augment=True (the local CPU teacher manages 1-3 replies a minute)
 R_RANGE = (1, 256) # allowed LoRA rank / adapter width
-_TRAIN_FIELDS = ("r", "n_train", "augment", "epochs", "max_steps", "batch_size", "max_length", "learning_rate", "max_val_examples")
+_TRAIN_FIELDS = ("r", "n_train", "augment", "epochs", "max_steps", "batch_size", "max_length", "learning_rate", "lora_dropout",
+                 "max_val_examples")
+_KEY_OMITTED = {"lora_dropout": 0.05} # the value every row before this field had: left out of the key, so their keys hold
 _AUG_FIELDS = ("quality_threshold", "teacher")
 _OPTIONAL_FIELDS = ("balance", "calibrate", "fixed_steps") # left out of the key when off
 _EVAL_FIELDS = ("limit", "eval_mode", "calibrate")
@@ -56,6 +58,7 @@ class ExperimentConfig:
     batch_size: int|None = None # examples per step; default from `TASK_BUDGETS`
     max_length: int|None = None # truncate training examples to this many tokens; default from `TASK_BUDGETS`
     learning_rate: float|None = None # default per method (training.DEFAULT_LR)
+    lora_dropout: float = 0.0 # LoRA / adapter dropout (`TrainConfig`'s default; rows trained before it was 0 have 0.05)
     max_val_examples: int = 32 # validation examples for the validation loss
     limit: int|None = None # test examples scored; default from `TASK_BUDGETS`
     eval_mode: str|None = None # 'loglik' or 'generate'; default: loglik for classification
@@ -108,7 +111,8 @@ class ExperimentConfig:
         d = asdict(self)
         if self.method == "zero-shot": d = {k: v for k, v in d.items() if k not in _TRAIN_FIELDS + _AUG_FIELDS}
         elif not self.augment: d = {k: v for k, v in d.items() if k not in _AUG_FIELDS}
-        return {k: v for k, v in d.items() if not (k in _OPTIONAL_FIELDS and v in (None, False))}  # keys of older runs hold
+        return {k: v for k, v in d.items() if not (k in _OPTIONAL_FIELDS and v in (None, False))  # keys of older runs hold
+                and not (k in _KEY_OMITTED and v == _KEY_OMITTED[k])}
 
     def key(self) -> str:
         "Short stable hash of the normalized config."
@@ -129,7 +133,7 @@ class ExperimentConfig:
 RESULT_COLUMNS = [f.name for f in fields(ExperimentConfig)] + [
     "label", "key", "metric", "score", "ci_low", "ci_high", "n_test", "n_train_total", "synthetic_generated", "synthetic_kept",
     "train_steps", "train_tokens", "train_s", "eval_s", "output_dir", "timestamp", "other_metrics"]
-_NUMERIC = ("r", "n_train", "augment", "seed", "epochs", "learning_rate", "max_steps", "batch_size", "max_length", "max_val_examples", "limit",
+_NUMERIC = ("r", "n_train", "augment", "seed", "epochs", "learning_rate", "lora_dropout", "max_steps", "batch_size", "max_length", "max_val_examples", "limit",
             "quality_threshold", "score", "ci_low", "ci_high", "n_test", "n_train_total", "synthetic_generated", "synthetic_kept",
             "train_steps", "train_tokens", "train_s", "eval_s")
 
@@ -318,7 +322,7 @@ def run_experiment(cfg:ExperimentConfig, # the run
         t0 = time.time()
         steps = _steps(cfg, n_total)
         fixed = dict(early_stopping_patience=None, eval_steps=steps) if cfg.fixed_steps else {}
-        res = finetune(cfg.model, task, method=cfg.method, r=max(cfg.r, 1), learning_rate=cfg.learning_rate, epochs=cfg.epochs,
+        res = finetune(cfg.model, task, method=cfg.method, r=max(cfg.r, 1), learning_rate=cfg.learning_rate, lora_dropout=cfg.lora_dropout, epochs=cfg.epochs,
                        batch_size=cfg.batch_size, max_steps=steps, max_length=cfg.max_length, seed=cfg.seed,
                        max_val_examples=cfg.max_val_examples, output_dir=str(out), balance=cfg.balance, **fixed)
         STATS["finetune"] += 1
@@ -542,11 +546,13 @@ def skew_table(results, # results CSV path or DataFrame
                task:str="legal", # a classification task
                metric:str="macro_f1", # read from `other_metrics` (or the main metric)
                learning_rate:float|None=None, # trained runs at this learning rate only (zero-shot rows always kept)
+               max_steps:int|None=None, # trained runs of this many optimizer steps only
               ) -> "pd.DataFrame":
     "Data size x arm (balancing, calibration) table of `metric` with its 95% CI, for the runs of `balance_grid`."
     import pandas as pd
     df = _load(results).query("task == @task")
     if learning_rate is not None: df = df[(df["method"] == "zero-shot") | np.isclose(df["learning_rate"].astype(float), learning_rate)]
+    if max_steps is not None: df = df[(df["method"] == "zero-shot") | (df["max_steps"] == max_steps)]
     if df.empty: raise ValueError(f"skew_table: no results for task {task!r}")
     def value(row):
         if row["metric"] == metric: return row["score"], row["ci_low"], row["ci_high"]
@@ -570,10 +576,11 @@ def plot_skew(results, # results CSV path or DataFrame
               task:str="legal", # a classification task
               path:str|Path|None=None, # save a PNG here
               learning_rate:float|None=None, # trained runs at this learning rate only
+              max_steps:int|None=None, # trained runs of this many optimizer steps only
              ):
     "Macro-F1 against training examples for each arm of `balance_grid`, with 95% CI bands and the majority floor."
     import matplotlib.pyplot as plt
-    cell = skew_table(results, task, learning_rate=learning_rate).attrs["values"].reset_index()
+    cell = skew_table(results, task, learning_rate=learning_rate, max_steps=max_steps).attrs["values"].reset_index()
     fig, ax = plt.subplots(figsize=(8, 5))
     for label, g in cell.query("n > 0").groupby("label"):
         g = g.sort_values("n")
@@ -703,7 +710,7 @@ def peak_share(results, # results CSV path or DataFrame
 # %% ../nbs/07_experiments.ipynb #1a87d581
 def _grid_from_args(a) -> list:
     kw = {k: getattr(a, k) for k in ("model", "max_steps", "batch_size", "epochs", "limit", "max_length", "quality_threshold", "teacher",
-                                     "learning_rate")
+                                     "learning_rate", "lora_dropout")
           if getattr(a, k, None) is not None}
     if a.augment_count is not None: aug = a.augment_count
     else: aug = True
@@ -740,6 +747,7 @@ def main_experiment(argv:list|None=None) -> int:
     p.add_argument("--max-steps", type=int, default=None, help="cap on optimizer steps (default per task; 64 for scaling)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, dest="learning_rate", help="learning rate (default per method)")
+    p.add_argument("--lora-dropout", type=float, default=None, help="LoRA / adapter dropout (default 0; rows before it was 0: 0.05)")
     p.add_argument("--epochs", type=float, default=None, help="passes over the data, under the step cap (default 1)")
     p.add_argument("--max-length", type=int, default=None)
     p.add_argument("--limit", type=int, default=None, help="test examples scored (default legal all 500, medical 100, finance 32)")
@@ -791,7 +799,8 @@ def _write_plots(a) -> int:
     from vrnx_nb.evaluation import plot_results
     for name, make in (("methods.png", lambda p: plot_results(experiment_table(df, n_train=a.n_train, r=a.r or 16, with_paper=False), p)),
                        ("scaling.png", lambda p: plot_scaling(df, p)), ("ranks.png", lambda p: plot_ranks(df, p)),
-                       ("skew.png", lambda p: plot_skew(df, "legal", p, learning_rate=a.learning_rate))):
+                       ("skew.png", lambda p: plot_skew(df, "legal", p, learning_rate=a.learning_rate,
+                                                                   max_steps=a.max_steps))):
         try: make(out/name); written.append(str(out/name))
         except ValueError as e: print(f"skipped {name}: {e}")
     print("wrote " + (", ".join(written) if written else "nothing"))

@@ -12,8 +12,9 @@ import torch
 
 # %% auto #0
 __all__ = ['NOISY_LOGGERS', 'DEFAULT_MODEL', 'GGUF_PACKAGE', 'GGUF_FILE', 'TINY_VOCAB', 'TINY_SEED', 'SMOLLM2_CHAT_TEMPLATE',
-           'MODEL_ALIASES', 'quiet_libraries', 'cache_dir', 'get_device', 'default_dtype', 'gguf_path',
-           'default_model_path', 'tiny_model_path', 'resolve_model_path', 'load_tokenizer', 'load_model', 'tiny_model']
+           'MODEL_ALIASES', 'quiet_libraries', 'cache_dir', 'get_device', 'default_dtype', 'cpu_has_bf16',
+           'inference_dtype', 'gguf_path', 'default_model_path', 'tiny_model_path', 'resolve_model_path',
+           'load_tokenizer', 'load_model', 'tiny_model']
 
 # %% ../nbs/01_models.ipynb #9ce2414a
 NOISY_LOGGERS = ("bitsandbytes.backends.cpu.ops",) # loggers whose warnings are notices, not problems, here
@@ -44,10 +45,23 @@ def get_device() -> str:
     return "cpu"
 
 def default_dtype(device:str|None=None) -> torch.dtype:
-    "bfloat16 on a GPU that supports it, float32 elsewhere (CPU matmuls in bf16 are slow here)."
+    "bfloat16 on a GPU that supports it, float32 elsewhere (training on the CPU stays in float32)."
     device = device or get_device()
     if device == "cuda" and torch.cuda.is_bf16_supported(): return torch.bfloat16
     return torch.float32
+
+# %% ../nbs/01_models.ipynb #8274d33e
+def cpu_has_bf16() -> bool:
+    "Whether this CPU has native bfloat16 matmul instructions (AVX512-BF16 or AMX-BF16; Linux `/proc/cpuinfo`)."
+    try: flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError: return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+def inference_dtype(device:str|None=None) -> torch.dtype:
+    "The dtype to score in: bfloat16 on a GPU or CPU with native bf16, else float32."
+    device = device or get_device()
+    if device == "cpu": return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    return default_dtype(device)
 
 # %% ../nbs/01_models.ipynb #d98810ac
 def gguf_path() -> Path:
