@@ -1,7 +1,8 @@
 """Synthetic data augmentation against real servers: `transformers serve` (tiny model) on loopback, a fault-injecting
 proxy in front of it (HTTP 500s, delay, concurrency and request counting), kill-and-resume, bad input.
 The server lifecycle itself (no orphans) is tested in test_serving.py."""
-import json, os, signal, subprocess, sys, textwrap, threading, time, urllib.request
+import json, os, shutil, signal, subprocess, sys, textwrap, threading, time, urllib.request
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -253,3 +254,188 @@ def test_malformed_replies_are_recorded_not_raised(legal):
     assert len(syn) == 2
     reasons = sorted(r["reason"] for r in pipe.rejected)
     assert reasons == sorted(["unterminated_json", "no_json", "target_not_text", "empty_reply"]*2)
+
+
+# ---------------------------------------------------------------- an endpoint that is not the API
+
+class NotTheAPI:
+    "Loopback server that answers every POST with HTTP 200 and `body` (a web page, plain text, another API's JSON)."
+    def __init__(self, body:bytes, content_type:str):
+        self.posts = 0
+        outer = self
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a): pass
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                outer.posts += 1
+                self.send_response(200); self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
+        class Quiet(ThreadingHTTPServer):
+            daemon_threads = True
+            def handle_error(self, request, client_address): pass
+        self.server = Quiet(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    @property
+    def url(self): return f"http://127.0.0.1:{self.server.server_address[1]}"
+    def close(self): self.server.shutdown(); self.server.server_close()
+
+
+PAGE = (b"<!DOCTYPE html>\n<html><head><title>Grafana</title></head><body><div id='app'>Loading</div>"
+        + b"<p>" + b"lorem ipsum " * 80 + b"</p></body></html>")
+
+
+@pytest.mark.parametrize("body, ctype, what", [
+    (PAGE, "text/html", "a web page (HTML)"),
+    (b"Not Found: try /api/v2", "text/plain", "something that is not a chat completion"),
+    (b'{"model": "llama3", "message": {"role": "assistant", "content": "hi"}, "done": true}', "application/json",
+     "something that is not a chat completion"),
+])
+def test_endpoint_that_is_not_the_api_stops_with_a_teacher_error(legal, body, ctype, what):
+    srv = NotTheAPI(body, ctype)
+    try:
+        pipe = SyntheticPipeline(teacher_model="m", base_url=srv.url, concurrency=2, cache_path=False, max_retries=3)
+        t0 = time.time()
+        with pytest.raises(TeacherError) as e: pipe.generate(legal.train, 8, "Classify clauses", task=legal)
+        msg = str(e.value)
+        assert what in msg and "Check base_url" in msg and srv.url in msg
+        squeeze = lambda t: "".join(t.split())
+        assert squeeze(body.decode())[:50] in squeeze(msg)   # what came back, quoted
+        assert len(msg) < 650 and "</body>" not in msg         # but only its start (about 200 characters)
+        assert "AttributeError" not in msg
+        assert srv.posts <= 2 and time.time() - t0 < 10  # the first reply stops the run: no retries, no more requests
+    finally: srv.close()
+
+
+# ---------------------------------------------------------------- the in-process teacher (tiny model)
+
+from vrnx_nb.augmentation import LocalTeacher, build_label_request, profile_seeds
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher():
+    return LocalTeacher("tiny", device="cpu", threads=1)
+
+
+@pytest.fixture
+def no_http(monkeypatch):
+    "Any use of the HTTP client path fails the test."
+    import vrnx_nb.augmentation as aug
+    def boom(*a, **k): raise AssertionError("the local teacher must not use HTTP")
+    monkeypatch.setattr(aug, "_import_openai", boom); monkeypatch.setattr(aug, "_check_reachable", boom)
+
+
+def replies(path) -> dict:
+    return {r["key"]: r["reply"] for r in map(json.loads, Path(path).read_text().splitlines())}
+
+
+def test_local_teacher_label_mode_caches_and_resumes_with_the_same_replies(legal, tiny_teacher, tmp_path, no_http):
+    full = tmp_path/"full.jsonl"
+    pipe = SyntheticPipeline(teacher_model=tiny_teacher, cache_path=str(full), max_tokens=10, concurrency=4)
+    assert pipe.local and pipe._mode("classification") == "label"
+    syn = pipe.generate(legal.train, 8, task=legal)
+    assert (pipe.usage.requests, pipe.usage.calls, pipe.usage.cost) == (8, 8, 0.0)
+    assert syn and all(e.target == e.meta["asked_label"] and e.meta["mode"] == "label" for e in syn)
+    assert len(replies(full)) == 8
+    # a run killed after 3 replies, resumed at another batch size, ends with exactly the same replies
+    killed = tmp_path/"killed.jsonl"
+    killed.write_text("\n".join(full.read_text().splitlines()[:3]) + "\n")
+    resumed = SyntheticPipeline(teacher_model=tiny_teacher, cache_path=str(killed), max_tokens=10, concurrency=3)
+    again = resumed.generate(legal.train, 8, task=legal)
+    assert (resumed.usage.cached, resumed.usage.calls) == (3, 5)
+    assert replies(killed) == replies(full)
+    assert [(e.input, e.target) for e in again] == [(e.input, e.target) for e in syn]
+    # a rerun pays nothing; another seed asks new requests
+    third = SyntheticPipeline(teacher_model=tiny_teacher, cache_path=str(full), max_tokens=10, concurrency=8)
+    third.generate(legal.train, 8, task=legal)
+    assert (third.usage.calls, third.usage.cached) == (0, 8)
+    other = SyntheticPipeline(teacher_model=tiny_teacher, cache_path=str(full), max_tokens=10, seed=1)
+    other.generate(legal.train, 8, task=legal)
+    assert other.usage.calls == 8
+
+
+def test_label_mode_asks_for_rare_labels_and_fixes_the_label(legal):
+    prof = profile_seeds(legal.train, legal)
+    asked = Counter(build_label_request(prof, legal.train, i, seed=3)["target_label"] for i in range(400))
+    assert asked["Other"]/400 < 0.5 * prof.labels["Other"]/prof.n
+    assert {l for l, c in prof.labels.items() if c} <= set(asked)
+    # the label of an example is the one asked for, whatever the teacher writes
+    pipe = SyntheticPipeline(teacher=lambda m, r: 'Label: Arbitration\nText: "we may change these terms ."', teacher_model="fake", mode="label")
+    syn = pipe.generate(legal.train, 12, "Classify clauses", task=legal)
+    assert len(syn) == 12 and all(e.target == e.meta["asked_label"] for e in syn)
+    assert {e.target for e in syn} != {"Arbitration"}
+
+
+def recording(teacher, seen:list):
+    "Wrap `teacher.complete` to keep every conversation it is asked."
+    real = teacher.complete
+    def complete(conversations, seeds, **kw):
+        seen.extend(conversations); return real(conversations, seeds, **kw)
+    return complete
+
+
+def test_two_step_summarization_asks_the_target_of_each_new_input(tiny_teacher, monkeypatch, no_http):
+    med = load_task("medical", n_train=20, seed=0)
+    seen = []
+    monkeypatch.setattr(tiny_teacher, "complete", recording(tiny_teacher, seen))
+    pipe = SyntheticPipeline(teacher_model=tiny_teacher, cache_path=False, max_tokens=10, concurrency=4)
+    assert pipe._mode("summarization") == "two_step"
+    syn = pipe.generate(med.train, 4, task=med)
+    n_inputs = 4 - sum(not r["reason"].startswith("target_") for r in pipe.rejected)
+    assert n_inputs >= 1 and pipe.usage.requests == 4 + n_inputs == len(seen)
+    asked_targets = [c[-1]["content"] for c in seen if c[-1]["content"].startswith(med.instruction)]
+    assert len(asked_targets) == n_inputs
+    for e in syn:
+        assert f"{med.instruction}\n\n{e.input}" in asked_targets    # its target was asked for its own input
+        assert e.meta["mode"] == "two_step" and e.target.strip()
+
+
+def test_two_step_qa_keeps_a_seed_context(tiny_teacher, monkeypatch, no_http):
+    fin = load_task("finance", n_train=12, seed=0)
+    from vrnx_nb.augmentation import split_question
+    contexts = {split_question(e.input)[0] for e in fin.train}
+    seen = []
+    monkeypatch.setattr(tiny_teacher, "complete", recording(tiny_teacher, seen))
+    pipe = SyntheticPipeline(teacher_model=tiny_teacher, cache_path=False, max_tokens=8, concurrency=3)
+    syn = pipe.generate(fin.train, 3, task=fin)
+    assert syn, pipe.rejected
+    for e in syn:
+        ctx, q = split_question(e.input)
+        assert ctx in contexts and q                                   # a seed's table and paragraphs, a new question
+        assert any(c[-1]["content"] == f"{fin.instruction}\n\nQuestion: {q}" and ctx in c[0]["content"] for c in seen)
+
+
+def test_trained_run_as_teacher(legal, tmp_path, no_http):
+    from vrnx_nb.training import finetune
+    run = finetune("tiny", legal, method="lora", max_steps=1, output_dir=str(tmp_path/"run"), device="cpu")
+    pipe = SyntheticPipeline(teacher_model=run, cache_path=str(tmp_path/"c.jsonl"), max_tokens=6, concurrency=2)
+    assert pipe.local and pipe.teacher_name == str(Path(run.output_dir).absolute())
+    syn = pipe.generate(legal.train, 2, task=legal)
+    assert pipe.usage.calls == 2 and all(e.meta["teacher"] == pipe.teacher_name for e in syn)
+    type_name = type(pipe.local_teacher().model).__name__
+    assert "Peft" in type_name, type_name                             # the adapter is loaded, not the bare base model
+    # another run folder is another teacher: nothing from this one's cache is reused
+    shutil.copytree(run.output_dir, tmp_path/"run2")
+    other = SyntheticPipeline(teacher_model=str(tmp_path/"run2"), cache_path=str(tmp_path/"c.jsonl"), max_tokens=6, concurrency=2)
+    other.generate(legal.train, 2, task=legal)
+    assert other.local and (other.usage.cached, other.usage.calls) == (0, 2)
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(mode="free text"), "mode must be one of"),
+    (dict(top_p=0), "top_p must be a number in (0, 1]"),
+    (dict(top_p=1.5), "top_p must be a number in (0, 1]"),
+    (dict(teacher_model=42), "teacher_model must be a non-empty model name"),
+])
+def test_bad_local_config(kw, msg):
+    with pytest.raises(ValueError) as e: SyntheticPipeline(**kw)
+    assert msg in str(e.value)
+
+
+def test_mode_that_does_not_fit_the_task(legal, tiny_teacher):
+    med = load_task("medical", n_train=10, seed=0)
+    with pytest.raises(ValueError, match="mode 'label' is for classification tasks; this one is 'summarization'"):
+        SyntheticPipeline(teacher_model=tiny_teacher, mode="label", cache_path=False).generate(med.train, 2, task=med)
+    with pytest.raises(ValueError, match="'two_step' is for summarization and QA"):
+        SyntheticPipeline(teacher_model=tiny_teacher, mode="two_step", cache_path=False).generate(legal.train, 2, task=legal)
+    # endpoints keep asking for JSON unless told otherwise
+    assert SyntheticPipeline(teacher_model="m", base_url="http://127.0.0.1:1/v1")._mode("classification") == "json"

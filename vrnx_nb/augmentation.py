@@ -17,10 +17,11 @@ from .tasks import Example, Task
 from .serving import TeacherEndpoint, free_port, local_teacher  # the server lifecycle; re-exported here
 
 # %% auto #0
-__all__ = ['INPUT_KEYS', 'TARGET_KEYS', 'FORMAT_CHECKS', 'AXES', 'OFF_TASK', 'extract_json', 'parse_reply', 'SeedProfile',
-           'profile_seeds', 'build_request', 'request_key', 'ReplyCache', 'TeacherError', 'run_sync', 'normalize_text',
-           'Decontaminator', 'corrupt_examples', 'QualityClassifier', 'mmr_select', 'Usage', 'AugmentReport',
-           'SyntheticPipeline', 'write_jsonl', 'main_augment']
+__all__ = ['INPUT_KEYS', 'TARGET_KEYS', 'FORMAT_CHECKS', 'AXES', 'MODES', 'OFF_TASK', 'extract_json', 'parse_reply',
+           'SeedProfile', 'profile_seeds', 'build_request', 'default_mode', 'build_label_request', 'split_question',
+           'build_input_request', 'build_target_request', 'clean_reply', 'request_key', 'ReplyCache', 'TeacherError',
+           'run_sync', 'normalize_text', 'Decontaminator', 'corrupt_examples', 'QualityClassifier', 'mmr_select',
+           'teacher_name', 'LocalTeacher', 'Usage', 'AugmentReport', 'SyntheticPipeline', 'write_jsonl', 'main_augment']
 
 # %% ../nbs/04_augmentation.ipynb #b82686b8
 def _balanced_objects(text:str):
@@ -251,6 +252,144 @@ def build_request(profile:SeedProfile, # from `profile_seeds`
             {"role": "user", "content": user}]
     return {"index": index, "messages": msgs, "target_label": label, "axes": axes,
             "shots": [seeds[i].id or str(i) for i in shots], "input_words": [lo, hi]}
+
+# %% ../nbs/04_augmentation.ipynb #605e7497
+MODES = ("json", "label", "two_step") # how requests ask for an example
+
+def default_mode(kind:str, # task kind
+                 local:bool, # the teacher runs in this process (a small model)
+                ) -> str:
+    "The generation mode for a task kind: JSON for endpoint teachers; for a local one, label or two steps."
+    if not local: return "json"
+    return "label" if kind == "classification" else "two_step"
+
+def _pick_label(profile:SeedProfile, rng:random.Random) -> str:
+    "A label drawn with weight 1/(seed count + 1): rare labels are asked for most."
+    names = list(profile.labels)
+    return rng.choices(names, weights=[1/(profile.labels[l]+1) for l in names])[0]
+
+def _shots(seeds:list, rng:random.Random, n:int, label=None) -> list:
+    "Up to `n` seed indices, those with target `label` first."
+    same = [i for i in range(len(seeds)) if label is not None and seeds[i].target == label]
+    picked = rng.sample(same, min(n, len(same)))
+    rest = [i for i in range(len(seeds)) if i not in picked]
+    return picked + rng.sample(rest, min(n - len(picked), len(rest)))
+
+def _rules(domain_constraints) -> str: return "".join(f"\n- {c}" for c in (domain_constraints or []))
+
+def build_label_request(profile:SeedProfile, # from `profile_seeds` (a classification task)
+                        seeds:list, # the seed `Example`s
+                        index:int, # request number in the run
+                        seed:int=0, # run seed: (seed, index) fixes everything sampled
+                        task_description:str="", # what the examples are for
+                        domain_constraints:list|None=None, # rules every example must follow
+                        n_shots:int=3, # demonstrations per request, of the asked label first
+                        max_shot_chars:int=700, # long seed inputs are cut to this in the prompt
+                       ) -> dict:
+    "A label-conditioned request: the pipeline picks the label; the teacher writes only the input text."
+    if profile.kind != "classification" or not profile.labels:
+        raise ValueError(f"mode 'label' needs a classification task with labels; this one is {profile.kind!r}")
+    rng = random.Random(f"vrnx-augment-label:{seed}:{index}")
+    label = _pick_label(profile, rng)
+    shots = _shots(seeds, rng, n_shots, label); rng.shuffle(shots)
+    rules = _rules(domain_constraints)
+    system = (f"You write texts for this task: {task_description}\nWrite them like the examples: the same style, length and "
+              "vocabulary, a new text each time." + (f"\nRules:{rules}" if rules else "") + "\nReply with the text only.")
+    msgs = [{"role": "system", "content": system}]
+    for i in shots:  # demonstrations in the generator's direction: label -> text
+        msgs += [{"role": "user", "content": f'Write one text whose label is "{seeds[i].target}".'},
+                 {"role": "assistant", "content": _clip(seeds[i].input.strip(), max_shot_chars)}]
+    msgs.append({"role": "user", "content": f'Write one text whose label is "{label}".'})
+    return {"index": index, "mode": "label", "step": "input", "messages": msgs, "target_label": label, "axes": {},
+            "shots": [seeds[i].id or str(i) for i in shots], "shot_idx": shots}
+
+# %% ../nbs/04_augmentation.ipynb #f2479b14
+_QUESTION = re.compile(r"\n\s*Question:\s*", re.I)
+
+def split_question(text:str) -> tuple[str, str]|None:
+    "`(context, question)` of a QA input whose last part is a 'Question: ...' line, else None."
+    marks = list(_QUESTION.finditer(text))
+    if not marks: return None
+    q = text[marks[-1].end():].strip()
+    if not q or "\n\n" in q: return None
+    return text[:marks[-1].start()].rstrip(), q
+
+def build_input_request(profile:SeedProfile, # from `profile_seeds`
+                        seeds:list, # the seed `Example`s
+                        index:int, # request number in the run
+                        seed:int=0, # run seed: (seed, index) fixes everything sampled
+                        task_description:str="", # what the examples are for
+                        domain_constraints:list|None=None, # rules every example must follow
+                        n_shots:int=3, # demonstrations per request
+                        max_shot_chars:int=700, # long seed inputs are cut to this in the prompt
+                       ) -> dict:
+    "Step 1 of two: a new input. QA keeps one seed's context and asks for a new question about it."
+    rng = random.Random(f"vrnx-augment-input:{seed}:{index}")
+    rules = _rules(domain_constraints)
+    rule_text = f"Rules:{rules}\n" if rules else ""
+    split = [(i, split_question(e.input)) for i, e in enumerate(seeds)] if profile.kind == "qa" else []
+    split = [(i, s) for i, s in split if s is not None]
+    if split:  # QA: the same table and paragraphs, a new question
+        i, (context, question) = rng.choice(split)
+        msgs = [{"role": "system", "content": f"You write questions for this task: {task_description}\n{rule_text}"
+                 "Reply with the question only."},
+                {"role": "user", "content": f"{context}\n\nA question the text above answers: {question}\n\n"
+                 "Write one new, different question that the text above answers."}]
+        return {"index": index, "mode": "two_step", "step": "input", "messages": msgs, "target_label": None, "axes": {},
+                "shots": [seeds[i].id or str(i)], "shot_idx": [i], "context": context}
+    shots = _shots(seeds, rng, n_shots); rng.shuffle(shots)
+    msgs = [{"role": "system", "content": f"You write inputs for this task: {task_description}\nWrite them like the examples: "
+             f"the same style, length and vocabulary, a new one each time.\n{rule_text}Reply with the input only."}]
+    for i in shots:
+        msgs += [{"role": "user", "content": "Write one input for this task."},
+                 {"role": "assistant", "content": _clip(seeds[i].input.strip(), max_shot_chars)}]
+    msgs.append({"role": "user", "content": "Write one input for this task."})
+    return {"index": index, "mode": "two_step", "step": "input", "messages": msgs, "target_label": None, "axes": {},
+            "shots": [seeds[i].id or str(i) for i in shots], "shot_idx": shots}
+
+def build_target_request(first:dict, # the step-1 request (from `build_input_request`)
+                         new_input:str, # the input the teacher wrote for it
+                         seeds:list, # the seed `Example`s
+                         instruction:str, # the task's instruction, as the student model will see it
+                         n_shots:int=3, # solved seed examples shown first (summarization)
+                         max_shot_chars:int=700, # long seed inputs are cut to this in the prompt
+                        ) -> dict:
+    "Step 2 of two: the target for `new_input`, asked the way the task asks it, after solved seed examples."
+    msgs = []
+    if "context" in first:  # QA: the seed's own question and answer on the same context, then the new question
+        s = seeds[first["shot_idx"][0]]
+        msgs += [{"role": "user", "content": f"{instruction}\n\n{s.input}"}, {"role": "assistant", "content": s.target}]
+        q = split_question(new_input)
+        msgs.append({"role": "user", "content": f"{instruction}\n\nQuestion: {q[1] if q else new_input}"})
+    else:
+        for i in first["shot_idx"][:n_shots]:
+            s = seeds[i]
+            msgs += [{"role": "user", "content": f"{instruction}\n\n{_clip(s.input.strip(), max_shot_chars)}"},
+                     {"role": "assistant", "content": s.target}]
+        msgs.append({"role": "user", "content": f"{instruction}\n\n{new_input}"})
+    return {"index": first["index"], "mode": "two_step", "step": "target", "messages": msgs, "target_label": None,
+            "axes": first["axes"], "shots": first["shots"]}
+
+# %% ../nbs/04_augmentation.ipynb #cddf4cdc
+_PREFIX = r"(?:input|text|clause|question|answer|summary|target|output|label|example(?:\s*\d+)?)"
+
+def clean_reply(text:str, # a plain-text teacher reply
+                finish_reason:str|None=None, # 'length' when the reply was cut at the token limit
+               ) -> tuple[str|None, str]:
+    "The text a plain reply carries (fences, 'Here is...' lines, 'Text:' prefixes and a cut-off tail removed), and why not."
+    if not isinstance(text, str) or not text.strip(): return None, "empty_reply"
+    t = text.strip()
+    fenced = re.findall(r"```[a-z]*\s*(.*?)```", t, flags=re.S)
+    if fenced: t = fenced[0].strip()
+    t = re.sub(r"^(?:sure|here|certainly|okay|ok)\b[^\n]*:\s*\n", "", t, flags=re.I).strip()
+    t = re.sub(rf"^\**{_PREFIX}\**\s*:\s*", "", t, flags=re.I).strip()
+    later = re.search(rf"\n\s*\**{_PREFIX}\**\s*:", t, flags=re.I)  # the model went on to the next field or example
+    if later: t = t[:later.start()].strip()
+    if len(t) >= 2 and t[0] == t[-1] and t[0] in "\"'": t = t[1:-1].strip()
+    if finish_reason == "length":
+        ends = [m.end() for m in re.finditer(r"[.?!](?=\s|$)", t)]
+        if ends and ends[-1] >= len(t)/2: t = t[:ends[-1]]
+    return (t, "") if t else (None, "empty_reply")
 
 # %% ../nbs/04_augmentation.ipynb #855d2328
 def request_key(model:str, messages:list, params:dict, seed:int, index:int) -> str:
@@ -496,6 +635,93 @@ def mmr_select(quality:np.ndarray, # quality score per candidate
         maxsim = np.maximum(maxsim, np.asarray(sim_cands[best]).ravel())
     return chosen, why
 
+# %% ../nbs/04_augmentation.ipynb #da9850d6
+def teacher_name(teacher) -> str:
+    "The name a teacher is cached under: an alias or hub id as given, a folder's full path, a run's output_dir."
+    if isinstance(teacher, LocalTeacher): return teacher.name
+    if hasattr(teacher, "output_dir"): return str(Path(teacher.output_dir).expanduser().absolute())
+    s = str(teacher).strip()
+    p = Path(s).expanduser()
+    return str(p.absolute()) if (isinstance(teacher, os.PathLike) or p.is_dir()) else s
+
+def _load_teacher(source, device:str|None=None, dtype=None) -> tuple:
+    "`(model, tokenizer)` for a model name or folder, a run folder or `TrainResult`, or a `(model, tokenizer)` pair."
+    if isinstance(source, (tuple, list)):
+        if len(source) != 2: raise ValueError(f"teacher_model: expected a (model, tokenizer) pair, got {len(source)} items")
+        return tuple(source)
+    from vrnx_nb import models, training
+    path = Path(getattr(source, "output_dir", source)).expanduser()
+    if hasattr(source, "output_dir") or (path/training.RUN_FILE).exists(): return training.load_trained(path, device=device, dtype=dtype)
+    return models.load_model(str(source), dtype=dtype, device=device)
+
+class _SeededSampler:
+    "Logits processor: sample one token per row with that row's own generator; every other token gets -inf."
+    def __init__(self, seeds:list, temperature:float, top_p:float):
+        import torch
+        self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids, scores):
+        import torch
+        probs = torch.softmax(scores.float().cpu() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            p, idx = probs.sort(dim=-1, descending=True)
+            p[(p.cumsum(-1) - p) > self.top_p] = 0.0   # the smallest set whose mass reaches top_p (the top token always stays)
+            probs = torch.zeros_like(probs).scatter_(-1, idx, p)
+        pick = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.gens)]).to(scores.device)
+        out = torch.full_like(scores, float("-inf"))
+        out[torch.arange(len(pick), device=scores.device), pick] = 0.0
+        return out
+
+class LocalTeacher:
+    "A causal LM in this process that answers chat requests in batches, each sampled with its own seed."
+    def __init__(self, model="smollm2-135m", # alias, model folder, run folder or `TrainResult`, or a (model, tokenizer) pair
+                 device:str|None=None, # 'cpu', 'cuda', ...; default the best available
+                 dtype=None, # weights dtype; default bf16 on a capable GPU, else float32
+                 threads:int|None=None): # CPU threads while generating; None: torch's setting (1 is fastest on a CPU shared with other jobs)
+        self.threads = threads
+        self.name = teacher_name(model) if not isinstance(model, (tuple, list)) else f"in-memory:{type(model[0]).__name__}"
+        self.model, self.tokenizer = _load_teacher(model, device, dtype)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None: self.tokenizer.pad_token = self.tokenizer.eos_token
+        gc, tok = self.model.generation_config, self.tokenizer
+        stops = gc.eos_token_id if isinstance(gc.eos_token_id, list) else [gc.eos_token_id]
+        stops += [tok.eos_token_id] + [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>") if t in tok.get_vocab()]
+        self.stop_ids = sorted({int(i) for i in stops if i is not None})
+
+    @property
+    def device(self): return next(self.model.parameters()).device
+
+    def complete(self, conversations:list, # one list of chat messages per request
+                 seeds:list, # one sampling seed per request
+                 max_new_tokens:int=384, # completion limit
+                 temperature:float=0.9, # 0: greedy
+                 top_p:float=1.0, # nucleus sampling mass
+                ) -> list:
+        "One reply per conversation, in one batch: `{'text', 'finish_reason', 'usage'}` each."
+        import torch
+        from transformers import GenerationConfig, LogitsProcessorList
+        if len(seeds) != len(conversations): raise ValueError(f"complete: {len(conversations)} conversations but {len(seeds)} seeds")
+        tok = self.tokenizer
+        prompts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in conversations]
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=self.stop_ids, pad_token_id=tok.pad_token_id)
+        procs = LogitsProcessorList([_SeededSampler(seeds, temperature, top_p)] if temperature > 0 else [])
+        before = torch.get_num_threads()
+        if self.threads: torch.set_num_threads(self.threads)
+        try:
+            with torch.inference_mode(): out = self.model.generate(**enc, generation_config=cfg, logits_processor=procs)
+        finally: torch.set_num_threads(before)
+        new, stops, replies = out[:, enc["input_ids"].shape[1]:].tolist(), set(self.stop_ids), []
+        for row, n_prompt in zip(new, enc["attention_mask"].sum(1).tolist()):
+            end = next((i for i, t in enumerate(row) if t in stops), None)
+            ids = row if end is None else row[:end]
+            replies.append({"text": tok.decode(ids, skip_special_tokens=True), "finish_reason": "length" if end is None else "stop",
+                            "usage": {"prompt_tokens": int(n_prompt), "completion_tokens": len(ids) + (end is not None)}})
+        return replies
+
+    def __repr__(self): return f"LocalTeacher({self.name!r} on {self.device})"
+
 # %% ../nbs/04_augmentation.ipynb #fee83d49
 _STAGES = ("generation", "validity", "length", "duplicate", "decontamination", "quality", "diversity")
 
@@ -548,23 +774,26 @@ def _positive_int(name, x, minimum=1):
 @dataclass
 class SyntheticPipeline:
     "Teacher-student data generation: seed profile, controlled-variation requests, a trained filter, full accounting."
-    teacher_model: str = "gpt-4-turbo" # model name sent to the endpoint
+    teacher_model: Any = "gpt-4-turbo" # endpoint model name; or run in this process: an alias, a model folder, a `TrainResult`, a `LocalTeacher`
     quality_threshold: float = 0.85 # keep examples the quality classifier scores at least this
     diversity_weight: float = 0.3 # w in the MMR score (1-w)*quality - w*similarity
-    base_url: str|None = None # OpenAI-compatible endpoint; None: api.openai.com
+    base_url: str|None = None # OpenAI-compatible endpoint; None: api.openai.com (or the local teacher, see `teacher_model`)
     api_key_env: str = "OPENAI_API_KEY" # NAME of the environment variable holding the key (read at call time)
-    concurrency: int = 8 # requests in flight at once
+    concurrency: int = 8 # requests in flight at once (the batch size of a local teacher)
     max_retries: int = 4 # retries per request on 429, 5xx, timeouts
     timeout: float = 120.0 # seconds per request
     connect_timeout: float = 5.0 # seconds to reach the endpoint before giving up
     backoff: float = 0.5 # first retry delay in seconds; doubles each retry
     cache_path: str|None = None # JSONL reply cache; None: one per teacher under the package cache dir; '' or False: none
     seed: int = 0 # run seed: same seed and cache -> same requests, nothing paid twice
-    price_per_1k_prompt: float = 0.01 # USD per 1K prompt tokens (gpt-4-turbo list price)
-    price_per_1k_completion: float = 0.03 # USD per 1K completion tokens
-    temperature: float = 0.9 # sampling temperature sent to the teacher
+    price_per_1k_prompt: float|None = None # USD per 1K prompt tokens; None: 0.01 (gpt-4-turbo list price), 0 for a local teacher
+    price_per_1k_completion: float|None = None # USD per 1K completion tokens; None: 0.03, 0 for a local teacher
+    temperature: float|None = None # sampling temperature (0: greedy); None: 0.9 for an endpoint, 0.7 for a local teacher
+    top_p: float|None = None # nucleus sampling mass (1: off); None: 1 for an endpoint, 0.9 for a local teacher
     max_tokens: int = 384 # completion limit per request
     n_shots: int = 3 # few-shot seeds per request
+    mode: str|None = None # 'json', 'label' or 'two_step'; None: `default_mode` of the task kind and teacher
+    device: str|None = None # local teacher: 'cpu', 'cuda', ...; None: the best available
     near_dup_threshold: float = 0.9 # char n-gram cosine at or above which two inputs are near duplicates
     max_redundancy: float = 0.7 # similarity allowed at the quality threshold (MMR floor)
     decontam_ngram: int = 13 # word n-gram size for decontamination
@@ -572,7 +801,10 @@ class SyntheticPipeline:
     teacher: Callable|None = field(default=None, repr=False) # a callable used instead of an endpoint (tests, notebooks)
 
     def __post_init__(self):
-        if not isinstance(self.teacher_model, str) or not self.teacher_model.strip(): raise ValueError(f"teacher_model must be a non-empty model name, got {self.teacher_model!r}")
+        tm = self.teacher_model
+        if not (hasattr(tm, "output_dir") or isinstance(tm, (LocalTeacher, os.PathLike)) or (isinstance(tm, str) and tm.strip())):
+            raise ValueError(f"teacher_model must be a non-empty model name, a model folder, a TrainResult or a LocalTeacher, got {tm!r}")
+        if self.base_url is not None and not isinstance(tm, str): raise ValueError(f"teacher_model must be the model name the endpoint knows when base_url is given, got {type(tm).__name__}")
         _unit("quality_threshold", self.quality_threshold); _unit("diversity_weight", self.diversity_weight)
         _unit("near_dup_threshold", self.near_dup_threshold); _unit("max_redundancy", self.max_redundancy)
         _positive_int("concurrency", self.concurrency); _positive_int("max_retries", self.max_retries, 0)
@@ -581,9 +813,16 @@ class SyntheticPipeline:
         for name in ("timeout", "connect_timeout"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0: raise ValueError(f"{name} must be a positive number of seconds, got {v!r}")
+        local = self.local  # a small model in this process: free, and it writes better a little cooler and without the tail
+        if self.price_per_1k_prompt is None: self.price_per_1k_prompt = 0.0 if local else 0.01
+        if self.price_per_1k_completion is None: self.price_per_1k_completion = 0.0 if local else 0.03
+        if self.temperature is None: self.temperature = 0.7 if local else 0.9
+        if self.top_p is None: self.top_p = 0.9 if local else 1.0
         for name in ("backoff", "price_per_1k_prompt", "price_per_1k_completion", "temperature", "length_slack"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0: raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1: raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if self.mode is not None and self.mode not in MODES: raise ValueError(f"mode must be one of {MODES} (or None for the default of the task kind), got {self.mode!r}")
         if self.base_url is not None and not (isinstance(self.base_url, str) and re.match(r"^https?://", self.base_url)):
             raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
         if not isinstance(self.api_key_env, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env) or self.api_key_env.startswith("sk-"):
@@ -591,11 +830,32 @@ class SyntheticPipeline:
         if self.teacher is not None and not callable(self.teacher): raise ValueError(f"teacher must be a callable, got {type(self.teacher).__name__}")
         self.usage, self.rejected, self.profile, self.quality = Usage(), [], None, None
         self._seeds, self._task, self._counts, self._stage_io = [], None, Counter(), []
+        self._local_teacher = self.teacher_model if isinstance(self.teacher_model, LocalTeacher) else None
+
+    # ---- the teacher
+    @property
+    def local(self) -> bool:
+        "Whether `teacher_model` runs in this process (an alias, a folder, a run; no base_url, no callable)."
+        tm = self.teacher_model
+        if self.teacher is not None or self.base_url is not None: return False
+        if hasattr(tm, "output_dir") or isinstance(tm, (LocalTeacher, os.PathLike)): return True
+        from vrnx_nb.models import MODEL_ALIASES
+        return tm.strip().lower() in MODEL_ALIASES or Path(tm.strip()).expanduser().is_dir()
+
+    @property
+    def teacher_name(self) -> str:
+        "The teacher as named in request keys, the cache file name and each example's meta."
+        return teacher_name(self.teacher_model) if self.local else str(self.teacher_model)
+
+    def local_teacher(self) -> LocalTeacher:
+        "The in-process teacher, loaded on first use and kept."
+        if self._local_teacher is None: self._local_teacher = LocalTeacher(self.teacher_model, device=self.device)
+        return self._local_teacher
 
     # ---- accounting
     def _cache(self) -> ReplyCache:
         if self.cache_path is None and self.teacher is None:
-            slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.teacher_model.strip("/"))[-80:]
+            slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.teacher_name.strip("/"))[-80:]
             from vrnx_nb.models import cache_dir
             return ReplyCache(cache_dir()/"synthetic"/f"{slug}.jsonl")
         return ReplyCache(self.cache_path or None)
@@ -633,6 +893,15 @@ def _classify_error(openai, e) -> tuple[str, str]:
     if isinstance(e, ConnectionError): return "retry", "connection_error"
     return "fail", type(e).__name__
 
+def _not_a_completion(resp, base_url:str|None, secret:str|None=None) -> TeacherError:
+    "The error for an endpoint that answered something other than a chat completion (a web page, another API)."
+    got = resp if isinstance(resp, str) else (resp.to_json(indent=None) if hasattr(resp, "to_json") else repr(resp))
+    what = "a web page (HTML)" if re.search(r"<(!doctype|html|head|body)\b", got[:1000], re.I) else "something that is not a chat completion"
+    url = base_url or "https://api.openai.com/v1"
+    return TeacherError(f"The teacher at {url} answered {what}: {_scrub(' '.join(got.split())[:200], secret)!r}. Check base_url: "
+                        f"it must be the root of an OpenAI-compatible API, the part before /chat/completions (often ending "
+                        f"in /v1, e.g. http://127.0.0.1:8000/v1), not a web page or another kind of API.")
+
 @patch
 async def _call(self:SyntheticPipeline, client, openai, req:dict, params:dict, sem, state:dict) -> dict:
     "One request with retries; returns a reply record, or a record with 'error'."
@@ -648,6 +917,8 @@ async def _call(self:SyntheticPipeline, client, openai, req:dict, params:dict, s
                 else:
                     resp = await client.chat.completions.create(model=self.teacher_model, messages=req["messages"],
                                                                 seed=req["request_seed"], **params)
+                    if isinstance(resp, str) or getattr(resp, "choices", None) is None:
+                        raise _not_a_completion(resp, self.base_url, state.get("key"))
                     choice = resp.choices[0] if resp.choices else None
                     text, finish = ((choice.message.content or "") if choice else ""), (choice.finish_reason if choice else None)
                     u = resp.usage
@@ -704,7 +975,61 @@ async def _run(self:SyntheticPipeline, todo:list, params:dict, cache:ReplyCache,
         if client is not None: await client.close()
     return errors
 
+# %% ../nbs/04_augmentation.ipynb #f4770890
+@patch
+def _run_local(self:SyntheticPipeline, todo:list, params:dict, cache:ReplyCache, usage:Usage) -> list:
+    "Answer `todo` with the in-process teacher, `concurrency` requests per batch; each batch goes to the cache when done."
+    teacher = self.local_teacher()
+    order = sorted(todo, key=lambda r: len(json.dumps(r["messages"])))  # requests of similar length share a batch: less padding
+    for i in range(0, len(order), self.concurrency):
+        batch, t0 = order[i:i + self.concurrency], time.time()
+        outs = teacher.complete([r["messages"] for r in batch], [r["request_seed"] for r in batch], max_new_tokens=params["max_tokens"],
+                                temperature=params["temperature"], top_p=params.get("top_p", 1.0))
+        for r, o in zip(batch, outs):
+            cache.add({"key": r["key"], "index": r["index"], "seed": self.seed, "model": self.teacher_name, "reply": o["text"],
+                       "usage": o["usage"], "finish_reason": o["finish_reason"], "attempts": 1, "batch": len(batch),
+                       "latency_s": round(time.time() - t0, 3), "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            usage.calls += 1
+            usage.prompt_tokens += o["usage"]["prompt_tokens"]; usage.completion_tokens += o["usage"]["completion_tokens"]
+    return []
+
+@patch
+def _fetch(self:SyntheticPipeline, reqs:list, params:dict, cache:ReplyCache, usage:Usage) -> dict:
+    "Replies for `reqs` into `cache`: cached ones are free, the rest go to the teacher; key -> error record of those that failed."
+    for r in reqs:
+        r["key"] = request_key(self.teacher_name, r["messages"], params, self.seed, r["index"])
+        r["request_seed"] = int(r["key"][:8], 16) & 0x7FFFFFFF  # from the key: the same request samples the same way on rerun
+    todo = [r for r in reqs if r["key"] not in cache]
+    usage.requests += len(reqs); usage.cached += len(reqs) - len(todo)
+    for r in reqs:
+        if r["key"] in cache:
+            u = cache.get(r["key"]).get("usage") or {}
+            usage.cached_prompt_tokens += u.get("prompt_tokens", 0); usage.cached_completion_tokens += u.get("completion_tokens", 0)
+    if not todo: return {}
+    if self.local: errors = self._run_local(todo, params, cache, usage)
+    else:
+        if self.teacher is None: self._api_key(); _check_reachable(self.base_url, self.connect_timeout)
+        errors = run_sync(lambda: self._run(todo, params, cache, usage))
+    usage.failed += len(errors)
+    return {e["key"]: e for e in errors}
+
 # %% ../nbs/04_augmentation.ipynb #ff4ff3e2
+@patch
+def _mode(self:SyntheticPipeline, kind:str) -> str:
+    "The generation mode of this run: `mode`, else the default for `kind` and this teacher; checked against the kind."
+    mode = self.mode or default_mode(kind, self.local)
+    if mode == "label" and kind != "classification":
+        raise ValueError(f"mode 'label' is for classification tasks; this one is {kind!r}: use 'two_step' or 'json'")
+    if mode == "two_step" and kind == "classification":
+        raise ValueError("mode 'two_step' is for summarization and QA; a classification task uses 'label' (or 'json')")
+    return mode
+
+def _synthetic(r:dict, inp:str, target:str, recs:list, pipe) -> Example:
+    return Example(inp, target, id=f"syn-{pipe.seed}-{r['index']}",
+                   meta={"synthetic": True, "request": r["index"], "mode": r.get("mode", "json"), "asked_label": r["target_label"],
+                         "axes": r["axes"], "shots": r["shots"], "teacher": pipe.teacher_name,
+                         "finish_reason": recs[0].get("finish_reason"), **({"target_finish_reason": recs[1].get("finish_reason")} if len(recs) > 1 else {})})
+
 @patch
 def generate(self:SyntheticPipeline,
              seed_examples:list, # seed `Example`s (or dicts with 'input' and 'target'), e.g. `task.train`
@@ -725,40 +1050,46 @@ def generate(self:SyntheticPipeline,
     if not all(isinstance(c, str) and c.strip() for c in domain_constraints): raise ValueError(f"domain_constraints must be a list of non-empty strings, got {domain_constraints!r}")
     self.profile, self._seeds, self._task = profile_seeds(seeds, task), seeds, task
     self.rejected, self._counts, self._stage_io = [], Counter(), []
-    params = {"temperature": self.temperature, "max_tokens": self.max_tokens}
-    reqs = [build_request(self.profile, seeds, i, self.seed, task_description, domain_constraints,
-                          instruction=task.instruction if task is not None else "", n_shots=self.n_shots) for i in range(target_count)]
-    for r in reqs:
-        r["key"] = request_key(self.teacher_model, r["messages"], params, self.seed, r["index"])
-        r["request_seed"] = (self.seed * 1_000_003 + r["index"]) % 2**31
+    mode = self._mode(self.profile.kind)
+    instruction = task.instruction if task is not None else ""
+    params = {"temperature": self.temperature, "max_tokens": self.max_tokens, **({"top_p": self.top_p} if self.top_p < 1 else {})}
+    build = {"json": build_request, "label": build_label_request, "two_step": build_input_request}[mode]
+    extra = {"instruction": instruction} if mode == "json" else {}
+    reqs = [build(self.profile, seeds, i, self.seed, task_description, domain_constraints, n_shots=self.n_shots, **extra) for i in range(target_count)]
     cache = self._cache()
-    usage = self.usage = Usage(requests=target_count, price_per_1k_prompt=self.price_per_1k_prompt, price_per_1k_completion=self.price_per_1k_completion)
-    todo = [r for r in reqs if r["key"] not in cache]
-    usage.cached = target_count - len(todo)
-    for r in reqs:
-        if r["key"] in cache:
-            u = cache.get(r["key"]).get("usage") or {}
-            usage.cached_prompt_tokens += u.get("prompt_tokens", 0); usage.cached_completion_tokens += u.get("completion_tokens", 0)
+    usage = self.usage = Usage(price_per_1k_prompt=self.price_per_1k_prompt, price_per_1k_completion=self.price_per_1k_completion)
     t0 = time.time()
-    errors = []
-    if todo:
-        if self.teacher is None: self._api_key(); _check_reachable(self.base_url, self.connect_timeout)
-        errors = run_sync(lambda: self._run(todo, params, cache, usage))
-    usage.wall_s = time.time() - t0
-    usage.failed = len(errors)
-    failed = {e["index"]: e for e in errors}
-    out = []
-    for r in reqs:
+    failed = self._fetch(reqs, params, cache, usage)
+    def reply(r, prefix=""):
+        "The cached reply record of `r`, or None after recording why there is none."
         rec = cache.get(r["key"])
         if rec is None:
-            e = failed.get(r["index"], {})
-            self._reject(None, "generation", "teacher_error", index=r["index"], detail=f"{e.get('error')}: {e.get('detail', '')}"); continue
-        parsed, why = parse_reply(rec["reply"])
-        if parsed is None:
-            self._reject(None, "generation", why, index=r["index"], reply=rec["reply"][:1000]); continue
-        out.append(Example(parsed["input"], parsed["target"], id=f"syn-{self.seed}-{r['index']}",
-                           meta={"synthetic": True, "request": r["index"], "asked_label": r["target_label"], "axes": r["axes"],
-                                 "shots": r["shots"], "teacher": self.teacher_model, "finish_reason": rec.get("finish_reason")}))
+            e = failed.get(r["key"], {})
+            self._reject(None, "generation", prefix + "teacher_error", index=r["index"], detail=f"{e.get('error')}: {e.get('detail', '')}")
+        return rec
+    out, firsts = [], []
+    for r in reqs:
+        rec = reply(r)
+        if rec is None: continue
+        if mode == "json": parsed, why = parse_reply(rec["reply"])
+        else:
+            text, why = clean_reply(rec["reply"], rec.get("finish_reason"))
+            parsed = None if text is None else {"input": text, "target": r["target_label"]}
+        if parsed is None: self._reject(None, "generation", why, index=r["index"], reply=rec["reply"][:1000]); continue
+        if mode != "two_step": out.append(_synthetic(r, parsed["input"], parsed["target"], [rec], self)); continue
+        new_input = f"{r['context']}\n\nQuestion: {parsed['input']}" if "context" in r else parsed["input"]
+        firsts.append((r, rec, new_input))
+    if firsts:  # two steps: now the target of each new input, asked the way the task asks it
+        second = [build_target_request(r, inp, seeds, instruction or task_description, self.n_shots) for r, _, inp in firsts]
+        failed.update(self._fetch(second, params, cache, usage))
+        for (r, rec1, inp), r2 in zip(firsts, second):
+            rec2 = reply(r2, "target_")
+            if rec2 is None: continue
+            target, why = clean_reply(rec2["reply"], rec2.get("finish_reason"))
+            if target is None: self._reject(None, "generation", "target_" + why, index=r["index"], reply=rec2["reply"][:1000]); continue
+            out.append(_synthetic(r, inp, target, [rec1, rec2], self))
+        out.sort(key=lambda e: e.meta["request"])
+    usage.wall_s = time.time() - t0
     self._stage_io = [("generation", target_count, len(out))]
     return out
 
