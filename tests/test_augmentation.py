@@ -6,7 +6,7 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import psutil, pytest
+import pytest
 
 from vrnx_nb.tasks import Example, load_task
 from vrnx_nb.augmentation import SyntheticPipeline, TeacherError, main_augment, ReplyCache
@@ -53,17 +53,7 @@ class Proxy:
     def close(self): self.server.shutdown(); self.server.server_close()
 
 
-def alive(pid:int) -> bool:
-    try: return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess: return False
-
-
-def wait_dead(pid:int, timeout:float=15.0) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if not alive(pid): return True
-        time.sleep(0.2)
-    return not alive(pid)
+from test_serving import wait_dead  # the process helpers live with the serving tests (pytest puts tests/ on the path)
 
 
 @pytest.fixture(scope="module")
