@@ -112,3 +112,16 @@ def test_gpu_check_time_limit_skips_and_records(tmp_path):
     assert gpuc.main(["--device", "cpu", "--model", "tiny", "--tasks", "legal", "--time-limit", "0", "--out-dir", str(tmp_path)]) == 1
     assert [r["status"] for r in _rows(tmp_path/"gpu_train.csv")] == ["skipped: time limit"] * 4
     assert [r["format"] for r in _rows(tmp_path/"gpu_export.csv")] == ["merged", "gptq"]
+
+
+def test_augment_summary_reads_shares_and_the_batch_ratio():
+    at = _load("augment_throughput")
+    row = lambda mode, batch, parsed, kept, ppm, kpm: {"mode": mode, "batch": batch, "parsed_share": parsed, "kept_share": kept,
+                                                       "kept": int(kept*16), "parsed_per_min": ppm, "kept_per_min": kpm}
+    rows = [row("label", 1, 1.0, 0.5, 10.0, 5.0), row("label", 8, 0.9375, 0.625, 40.0, 20.0), row("json", 1, 0.5, 0.0, 3.0, 0.0)]
+    label, json_line = at.summary(rows)
+    assert "parsed 94% of requests" in label and "kept after the filter 50%-62%" in label
+    assert "kept per min at batch 8 vs 1: 20.0 / 5.0 = 4.00x" in label
+    assert json_line.startswith("json: parsed 50%") and "batch 8" not in json_line  # one batch size: no ratio
+    nothing_kept = [row("label", 1, 1.0, 0.0, 10.0, 0.0), row("label", 8, 1.0, 0.0, 25.0, 0.0)]
+    assert "parsed per min at batch 8 vs 1: 25.0 / 10.0 = 2.50x" in at.summary(nothing_kept)[0]
