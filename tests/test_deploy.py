@@ -5,7 +5,7 @@ import pytest, torch
 from safetensors import safe_open
 from vrnx_nb import deploy
 from vrnx_nb.deploy import export, export_source, load_export, main_export, merged_model, read_export, serve_export, write_card
-from vrnx_nb.models import load_model, tiny_model_path
+from vrnx_nb.models import load_model, tiny_model, tiny_model_path
 from vrnx_nb.tasks import load_task
 from vrnx_nb.training import finetune, load_trained
 
@@ -116,7 +116,8 @@ def test_other_bad_inputs(run, tmp_path):
     with pytest.raises(TypeError, match="unknown argument"): export(run, "merged", tmp_path/"q", rank=3)
     with pytest.raises(ValueError, match="ExportConfig.dtype"): export(run, "merged", tmp_path/"q", dtype="int3")
     with pytest.raises(ValueError, match="group_size 48 does not divide"): export(run, "gptq", tmp_path/"q", group_size=48, n_calibration=4)
-    bott = tmp_path/"bott"; bott.mkdir(); (bott/"bottleneck_config.json").write_text("{}")
+    from vrnx_nb.bottleneck import BottleneckModel, BottleneckConfig
+    bott = tmp_path/"bott"; BottleneckModel(tiny_model()[0], BottleneckConfig(r=4)).save_pretrained(bott)  # a real adapter folder
     with pytest.raises(ValueError, match="non-linear"): export(bott, "merged", tmp_path/"q")
     with pytest.raises(ValueError, match="not a vrnx export folder"): read_export(tmp_path)
 

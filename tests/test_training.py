@@ -7,6 +7,7 @@ from vrnx_nb.tasks import load_task, render_pair, Task, Example
 from vrnx_nb.training import (finetune, TrainConfig, tokenize_example, tokenize_split, PackedCollator, PaddedCollator, ONE_ROW, pack_rows,
                               SharedPrefixCollator, shared_prefix_len,
                               per_example_loss, load_trained, TrainResult, RUN_FILE)
+from vrnx_nb.bottleneck import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT/"tests"/"scripts"/"train_tiny.py"
@@ -204,7 +205,7 @@ def test_adapter_with_checkpointing_trains_and_reloads(task, tmp_path):
     res = finetune("tiny", task, method="adapter", r=8, learning_rate=1e-2, max_steps=3, eval_steps=3, max_val_examples=4,
                    gradient_checkpointing=True, output_dir=tmp_path, device="cpu")
     assert res.global_step == 3 and res.losses()[-1][1] < res.losses()[0][1]
-    assert sorted(p.name for p in tmp_path.glob("bottleneck_*")) == ["bottleneck_config.json", "bottleneck_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.glob("bottleneck_*")) == sorted([ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME])
     assert not list(tmp_path.glob("checkpoint-*")) and not (tmp_path/"model.safetensors").exists()
     model, tok = load_trained(res, device="cpu")
     base, _ = tiny_model()
@@ -212,6 +213,13 @@ def test_adapter_with_checkpointing_trains_and_reloads(task, tmp_path):
     trained, plain = per_example_loss(model, batch), per_example_loss(base, batch)
     assert max(abs(a - b) for a, b in zip(trained, plain)) > 1e-3  # the adapter changed the model
     assert per_example_loss(load_trained(tmp_path, device="cpu")[0], batch) == pytest.approx(trained, abs=1e-6)
+
+def test_bottleneck_names_stay_importable_from_training():
+    "The adapter moved to `vrnx_nb.bottleneck`; `vrnx_nb.training` re-exports the same objects (tests, bench, users import them there)."
+    import vrnx_nb.bottleneck as bn, vrnx_nb.training as tr
+    for name in ("ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "ADAPTER_TARGETS", "BottleneckConfig", "BottleneckLayer", "BottleneckModel"):
+        assert getattr(tr, name) is getattr(bn, name) and name in tr.__all__ and name in bn.__all__
+    assert tr.build_model("tiny", TrainConfig(method="adapter", r=4), device="cpu")[0].__class__ is bn.BottleneckModel
 
 # --- balancing skewed labels ---
 

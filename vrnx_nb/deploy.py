@@ -10,6 +10,7 @@ import argparse, contextlib, importlib.util, json, os, random, shlex, shutil, sy
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import torch
+from .bottleneck import ADAPTER_CONFIG_NAME
 
 # %% auto #0
 __all__ = ['FORMATS', 'INSTALL', 'DTYPES', 'EXPORT_FILE', 'require_format', 'ExportConfig', 'ExportSource', 'export_source',
@@ -91,7 +92,7 @@ def export_source(src, # a `TrainResult`, a run folder, an adapter folder, or a 
         task = str(run.get("task", "")).split(":")[0] or None
         kept = load_run_task(path)
         return ExportSource(str(path) if method == "full" else str(base or run["model"]), method, str(path), task, run, kept)
-    if (path/"bottleneck_config.json").exists(): raise ValueError(f"{path}: bottleneck adapters are non-linear and cannot be merged into the base")
+    if (path/ADAPTER_CONFIG_NAME).exists(): raise ValueError(f"{path}: bottleneck adapters are non-linear and cannot be merged into the base")
     if (path/"adapter_config.json").exists():
         named = json.loads((path/"adapter_config.json").read_text()).get("base_model_name_or_path")
         if not (base or named): raise ValueError(f"{path}/adapter_config.json: field 'base_model_name_or_path' is empty; pass base=")

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 import numpy as np
 from .tasks import load_task, render_prompt, render_pair
+from .bottleneck import ADAPTER_CONFIG_NAME
 
 # %% auto #0
 __all__ = ['METRIC_LABELS', 'TASK_ORDER', 'FULL_NAMES', 'collapse_warning', 'is_skewed', 'load_for_eval',
@@ -72,7 +73,7 @@ def _load_dir(path:Path, base=None):
             return training.load_trained(path)
     except ImportError: pass
     from vrnx_nb.models import load_model, load_tokenizer
-    if (path/"bottleneck_config.json").exists():
+    if (path/ADAPTER_CONFIG_NAME).exists():
         raise ValueError(f"{path} holds bottleneck adapters; loading them needs vrnx_nb.training.load_trained")
     if (path/"adapter_config.json").exists():
         from peft import PeftModel
@@ -98,7 +99,7 @@ def load_for_eval(model_or_result, # name/folder, (model, tokenizer), or a train
         return model.eval(), tok, str(r.output_dir), str(getattr(r, "method", "") or "")
     if isinstance(model_or_result, (str, Path)):
         path = Path(model_or_result).expanduser()
-        markers = ("adapter_config.json", "bottleneck_config.json", "vrnx_run.json")
+        markers = ("adapter_config.json", ADAPTER_CONFIG_NAME, "vrnx_run.json")
         if path.is_dir() and any((path/f).exists() for f in markers):
             model, tok = _load_dir(path)
         else: model, tok = load_model(str(model_or_result))

@@ -15,13 +15,13 @@ from .models import quiet_libraries
 quiet_libraries()  # before transformers and peft are imported
 
 # %% auto #0
-__all__ = ['METHODS', 'BALANCE_MODES', 'DEFAULT_LR', 'ADAPTER_CONFIG_NAME', 'ADAPTER_WEIGHTS_NAME', 'ADAPTER_TARGETS', 'ONE_ROW',
-           'LOG_FIELDS', 'RUN_FILE', 'RUN_TASK_FILE', 'TrainConfig', 'BottleneckConfig', 'BottleneckLayer',
-           'BottleneckModel', 'tokenize_example', 'tokenize_split', 'pack_rows', 'PackedCollator', 'PaddedCollator',
-           'shared_prefix_len', 'SharedPrefixCollator', 'forward_batch', 'per_example_loss', 'varlen_attention',
-           'train_collator', 'label_balance_weights', 'balanced_sampler', 'completion_positions', 'completion_loss',
-           'CSVLogCallback', 'QuietProgressCallback', 'TrainResult', 'bnb_config', 'build_model', 'VrnxTrainer',
-           'save_run_task', 'load_run_task', 'finetune', 'load_trained', 'merge_and_save', 'main_train']
+__all__ = ['METHODS', 'BALANCE_MODES', 'DEFAULT_LR', 'ONE_ROW', 'LOG_FIELDS', 'RUN_FILE', 'RUN_TASK_FILE', 'TrainConfig',
+           'tokenize_example', 'tokenize_split', 'pack_rows', 'PackedCollator', 'PaddedCollator', 'shared_prefix_len',
+           'SharedPrefixCollator', 'forward_batch', 'per_example_loss', 'varlen_attention', 'train_collator',
+           'label_balance_weights', 'balanced_sampler', 'completion_positions', 'completion_loss', 'CSVLogCallback',
+           'QuietProgressCallback', 'TrainResult', 'bnb_config', 'build_model', 'VrnxTrainer', 'save_run_task',
+           'load_run_task', 'finetune', 'load_trained', 'merge_and_save', 'main_train', 'ADAPTER_CONFIG_NAME',
+           'ADAPTER_WEIGHTS_NAME', 'ADAPTER_TARGETS', 'BottleneckConfig', 'BottleneckLayer', 'BottleneckModel']
 
 # %% ../nbs/05_training.ipynb #fc51ac43
 METHODS = ("full", "lora", "qlora", "adapter")
@@ -88,117 +88,10 @@ class TrainConfig:
         d = {k: v for k, v in asdict(self).items() if k not in _RUN_FIELDS and not (k.startswith("balance") and self.balance is None)}
         return hashlib.sha256(json.dumps({**d, **extra}, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
-# %% ../nbs/05_training.ipynb #2dec8d48
-ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME = "bottleneck_config.json", "bottleneck_model.safetensors"
-# Output projections of the attention block and the MLP, by architecture family (Llama/Mistral/Qwen/SmolLM, OPT/Phi, GPT-NeoX, Falcon/BLOOM).
-ADAPTER_TARGETS = (("o_proj", "down_proj"), ("out_proj", "fc2"), ("attention.dense", "dense_4h_to_h"), ("self_attention.dense", "dense_4h_to_h"))
-
-@dataclass
-class BottleneckConfig:
-    "Houlsby bottleneck adapters: where they go and how wide they are."
-    r: int = 64 # bottleneck width
-    dropout: float = 0.0 # dropout on the adapter input
-    act: str = "gelu" # non-linearity between down and up projection
-    target_modules: list|None = None # names (suffixes) of the sublayer output projections; default found per architecture
-    base_model_name_or_path: str = "" # the base the adapter was trained on
-    peft_type: str = "BOTTLENECK" # tag in the saved config
-
-    def __post_init__(self):
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0: raise ValueError(f"BottleneckConfig.r: expected a positive integer, got {self.r!r}")
-        if not 0 <= self.dropout < 1: raise ValueError(f"BottleneckConfig.dropout: expected a value in [0, 1), got {self.dropout!r}")
-        from transformers.activations import ACT2FN
-        if self.act not in ACT2FN: raise ValueError(f"BottleneckConfig.act: {self.act!r} is not one of {sorted(ACT2FN)}")
-
-# %% ../nbs/05_training.ipynb #ec058871
-class BottleneckLayer(nn.Module):
-    "A frozen linear sublayer output followed by a residual bottleneck adapter."
-    def __init__(self, base_layer:nn.Linear, # the output projection to wrap
-                 r:int, dropout:float=0.0, act:str="gelu"):
-        super().__init__()
-        from transformers.activations import ACT2FN
-        if not isinstance(base_layer, nn.Linear) and not hasattr(base_layer, "out_features"):
-            raise ValueError(f"BottleneckLayer wraps linear layers, got {type(base_layer).__name__}")
-        self.base_layer, d = base_layer, base_layer.out_features
-        self.adapter_down, self.adapter_up = nn.Linear(d, r), nn.Linear(r, d)
-        nn.init.normal_(self.adapter_down.weight, std=1e-2); nn.init.zeros_(self.adapter_down.bias)
-        nn.init.zeros_(self.adapter_up.weight); nn.init.zeros_(self.adapter_up.bias)
-        self.act, self.dropout = ACT2FN[act], nn.Dropout(dropout)
-
-    def forward(self, x, *args, **kwargs):
-        y = self.base_layer(x, *args, **kwargs)
-        h = self.adapter_up(self.act(self.adapter_down(self.dropout(y.to(self.adapter_down.weight.dtype)))))
-        return y + h.to(y.dtype)
-
-# %% ../nbs/05_training.ipynb #06ae6669
-def _find_adapter_targets(model:nn.Module, names:list|None) -> list[str]:
-    "Full module names of the linear layers an adapter goes after."
-    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or type(m).__name__.startswith("Linear")]
-    families = [list(names)] if names else [list(f) for f in ADAPTER_TARGETS]
-    for family in families:
-        found = [n for n in linear if any(n == s or n.endswith("." + s) for s in family)]
-        if found: return found
-    raise ValueError(f"No adapter targets in {type(model).__name__}: looked for layers named {families}; pass target_modules")
-
-class BottleneckModel(nn.Module):
-    "A frozen causal LM with bottleneck adapters after its attention and MLP blocks; saves only the adapters."
-    def __init__(self, model:nn.Module, # the base model (frozen here)
-                 config:BottleneckConfig):
-        super().__init__()
-        self.base_model, self.bottleneck_config = model, config
-        for p in model.parameters(): p.requires_grad_(False)
-        targets = _find_adapter_targets(model, config.target_modules)
-        config.target_modules = sorted({t.split(".")[-1] for t in targets})
-        dev = next(model.parameters()).device
-        for name in targets:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            setattr(parent, child, BottleneckLayer(getattr(parent, child), config.r, config.dropout, config.act).to(dev))
-        if getattr(model.config, "use_cache", None) is not None: pass
-
-    def forward(self, *args, **kwargs): return self.base_model(*args, **kwargs)
-    def generate(self, *args, **kwargs): return self.base_model.generate(*args, **kwargs)
-
-    def __getattr__(self, name):
-        try: return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model": raise
-            return getattr(self.base_model, name)
-
-    def adapter_state_dict(self) -> dict:
-        "The adapter weights only."
-        return {k: v.detach().cpu().contiguous() for k, v in self.base_model.state_dict().items() if ".adapter_" in k}
-
-    def save_pretrained(self, save_directory, **kwargs):
-        "Write `bottleneck_config.json` and the adapter weights, like a peft adapter folder."
-        from safetensors.torch import save_file
-        out = Path(save_directory); out.mkdir(parents=True, exist_ok=True)
-        (out/ADAPTER_CONFIG_NAME).write_text(json.dumps(asdict(self.bottleneck_config), indent=2))
-        save_file(self.adapter_state_dict(), str(out/ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-
-    def load_adapter_weights(self, path):
-        "Load adapter weights saved by `save_pretrained` into this model."
-        from safetensors.torch import load_file
-        file = Path(path)/ADAPTER_WEIGHTS_NAME
-        if not file.exists(): raise ValueError(f"{path}: no {ADAPTER_WEIGHTS_NAME} (not a bottleneck adapter folder)")
-        sd = load_file(str(file))
-        missing = set(self.adapter_state_dict()) - set(sd)
-        if missing: raise ValueError(f"{file}: adapter weights missing for {sorted(missing)[:3]}... (trained on another base?)")
-        self.base_model.load_state_dict(sd, strict=False)
-        return self
-
-    @classmethod
-    def from_pretrained(cls, model:nn.Module, path, is_trainable:bool=False) -> "BottleneckModel":
-        "Put the adapters saved in `path` back onto `model`."
-        cfg_file = Path(path)/ADAPTER_CONFIG_NAME
-        if not cfg_file.exists(): raise ValueError(f"{path}: no {ADAPTER_CONFIG_NAME} (not a bottleneck adapter folder)")
-        wrapped = cls(model, BottleneckConfig(**json.loads(cfg_file.read_text()))).load_adapter_weights(path)
-        for n, p in wrapped.named_parameters(): p.requires_grad_(is_trainable and ".adapter_" in n)
-        return wrapped
-
-    def trainable_parameters(self) -> tuple[int, int]:
-        "(trainable, total) parameter counts."
-        ps = list(self.parameters())
-        return sum(p.numel() for p in ps if p.requires_grad), sum(p.numel() for p in ps)
+# %% ../nbs/05_training.ipynb #8202c5ec
+from .bottleneck import (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, ADAPTER_TARGETS, BottleneckConfig, BottleneckLayer,
+                                BottleneckModel)
+_all_ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "ADAPTER_TARGETS", "BottleneckConfig", "BottleneckLayer", "BottleneckModel"]
 
 # %% ../nbs/05_training.ipynb #01bc6d6e
 def tokenize_example(task, # the `Task` (instruction, template)
