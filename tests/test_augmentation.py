@@ -429,3 +429,185 @@ def test_mode_that_does_not_fit_the_task(legal, tiny_teacher):
         SyntheticPipeline(teacher_model=tiny_teacher, mode="two_step", cache_path=False).generate(legal.train, 2, task=legal)
     # endpoints keep asking for JSON unless told otherwise
     assert SyntheticPipeline(teacher_model="m", base_url="http://127.0.0.1:1/v1")._mode("classification") == "json"
+
+
+# ---------------------------------------------------------------- structured outputs: response_format, xgrammar
+
+import warnings
+import vrnx_nb.augmentation as aug
+from vrnx_nb.augmentation import reply_errors, task_schema, SUPPORT_FILE
+
+
+class ChatServer:
+    "Loopback chat-completions endpoint. `accept`: a reply that matches the schema it is sent; `refuse`: HTTP 400 to "
+    "response_format; `ignore`: takes it and answers plain text. Keeps every request body."
+    def __init__(self, behaviour:str):
+        self.behaviour, self.bodies = behaviour, []
+        outer = self
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a): pass
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                outer.bodies.append(body)
+                rf, n = body.get("response_format"), len(outer.bodies)
+                if rf and outer.behaviour == "refuse":
+                    return self._send(400, {"error": {"message": "Unrecognized request argument supplied: response_format",
+                                                      "type": "invalid_request_error"}})
+                if rf and outer.behaviour == "accept":
+                    props = rf["json_schema"]["schema"]["properties"]
+                    text = json.dumps({k: p["enum"][n % len(p["enum"])] if "enum" in p else f"we may close account {n} at any time ."
+                                       for k, p in props.items()})
+                elif outer.behaviour == "ignore": text = f"Sure! Here is a clause: we may close account {n} at any time."
+                else: text = json.dumps({"input": f"we may close account {n} at any time .", "target": "Other"})
+                self._send(200, {"id": f"c{n}", "object": "chat.completion", "created": 0, "model": body["model"],
+                                 "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+                                 "usage": {"prompt_tokens": 10, "completion_tokens": 12, "total_tokens": 22}})
+            def _send(self, status, obj):
+                data = json.dumps(obj).encode()
+                self.send_response(status); self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data))); self.end_headers(); self.wfile.write(data)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler); self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    @property
+    def url(self): return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+    def with_rf(self): return [("response_format" in b) for b in self.bodies]
+    def close(self): self.server.shutdown(); self.server.server_close()
+
+
+def ours(caught): return [w for w in caught if "response_format" in str(w.message)]
+
+
+def run_endpoint(srv, cache, legal, n=4, **kw):
+    "A json-mode run against `srv`; returns the pipeline, its examples and the response_format warnings it raised."
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = SyntheticPipeline(teacher_model="m", base_url=srv.url, cache_path=str(cache), concurrency=2, backoff=0.01, **kw)
+        syn = pipe.generate(legal.train, n, "Classify Terms of Service clauses", task=legal)
+    return pipe, syn, ours(caught)
+
+
+def test_endpoint_that_takes_response_format_gets_the_schema(legal, tmp_path):
+    srv = ChatServer("accept")
+    try:
+        pipe, syn, warned = run_endpoint(srv, tmp_path/"c.jsonl", legal)
+        assert warned == [] and srv.with_rf() == [True]*4
+        rf = srv.bodies[0]["response_format"]
+        assert rf["type"] == "json_schema" and rf["json_schema"]["strict"] is True and rf["json_schema"]["name"] == "legal_example"
+        schema = rf["json_schema"]["schema"]
+        assert schema["properties"]["label"] == {"type": "string", "enum": legal.labels}
+        assert schema["required"] == ["label", "text"] and schema["additionalProperties"] is False
+        assert "maxLength" not in json.dumps(schema)                         # endpoints get the portable subset
+        assert len(syn) == 4 and all(e.target in legal.labels for e in syn)
+        assert pipe.response_format_support() == "json_schema"
+        known = json.loads((tmp_path/SUPPORT_FILE).read_text())
+        assert known[pipe._endpoint_key()]["response_format"] == "json_schema"
+        assert all(json.loads(l)["constrained"] == "response_format" for l in (tmp_path/"c.jsonl").read_text().splitlines())
+    finally: srv.close()
+
+
+def test_endpoint_that_refuses_response_format_falls_back_once_and_remembers(legal, tmp_path, monkeypatch):
+    srv = ChatServer("refuse")
+    try:
+        pipe, syn, warned = run_endpoint(srv, tmp_path/"c.jsonl", legal)
+        assert len(warned) == 1 and "refused response_format" in str(warned[0].message) and "HTTP 400" in str(warned[0].message)
+        sent = srv.with_rf()
+        first_plain = sent.index(False)
+        assert 1 <= sum(sent) <= 2 and not any(sent[first_plain:])          # only the first wave (concurrency 2) asked with it
+        assert sum(not s for s in sent) == 4 and len(syn) == 4                # every request answered, without response_format
+        assert pipe.usage.retries == 0 and pipe.usage.failed == 0             # a refusal is not a retry
+        assert pipe.response_format_support() == "refused"
+        assert json.loads((tmp_path/SUPPORT_FILE).read_text())[pipe._endpoint_key()]["response_format"] == "refused"
+        # the rerun is free; a second run with new requests asks without it, and does not warn again
+        before = len(srv.bodies)
+        again, _, warned = run_endpoint(srv, tmp_path/"c.jsonl", legal)
+        assert (again.usage.calls, again.usage.cached, len(srv.bodies)) == (0, 4, before)
+        _, more, warned = run_endpoint(srv, tmp_path/"c.jsonl", legal, seed=1)
+        assert len(more) == 4 and srv.with_rf()[before:] == [False]*4 and warned == []
+        # a new process knows it from the file beside the cache (and warns once there)
+        monkeypatch.setattr(aug, "_SUPPORT", {}); monkeypatch.setattr(aug, "_WARNED", set())
+        before = len(srv.bodies)
+        fresh, _, warned = run_endpoint(srv, tmp_path/"c.jsonl", legal, seed=2)
+        assert srv.with_rf()[before:] == [False]*4 and fresh.response_format_support() == "refused" and len(warned) == 1
+    finally: srv.close()
+
+
+def test_endpoint_that_ignores_response_format(legal, tmp_path):
+    srv = ChatServer("ignore")
+    try:
+        pipe, syn, warned = run_endpoint(srv, tmp_path/"c.jsonl", legal)
+        assert srv.with_rf() == [True]*4 and pipe.response_format_support() == "ignored"
+        assert len(warned) == 1 and "ignores response_format" in str(warned[0].message)
+        assert "none of 4 complete replies matched the schema" in str(warned[0].message)
+        _, _, warned = run_endpoint(srv, tmp_path/"c.jsonl", legal, seed=1)
+        assert srv.with_rf()[4:] == [False]*4 and warned == []
+    finally: srv.close()
+
+
+def test_two_complete_replies_decide_nothing(legal, tmp_path):
+    srv = ChatServer("ignore")
+    try:
+        pipe, _, warned = run_endpoint(srv, tmp_path/"c.jsonl", legal, n=2)
+        assert pipe.response_format_support() is None and warned == []       # too few to tell: asked with it again next time
+        run_endpoint(srv, tmp_path/"c.jsonl", legal, n=2, seed=1)
+        assert srv.with_rf() == [True]*4
+    finally: srv.close()
+
+
+def test_transformers_serve_takes_response_format_without_error(server, legal):
+    rf = aug.response_format(task_schema(legal))
+    body = json.dumps({"model": server.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "response_format": rf}).encode()
+    req = urllib.request.Request(server.base_url + "/chat/completions", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r: out = json.loads(r.read())
+    assert r.status == 200 and out["choices"][0]["message"]["content"] is not None   # accepted (and not honoured: 4 random tokens)
+    assert reply_errors(out["choices"][0]["message"]["content"], task_schema(legal))
+
+
+def test_cli_max_tokens_default_is_the_pipeline_default(tmp_path):
+    srv = ChatServer("accept")
+    try:
+        rc = main_augment(["--task", "legal", "--n-seed", "20", "--target-count", "2", "--base-url", srv.url, "--teacher-model", "m",
+                           "--cache", str(tmp_path/"c.jsonl"), "--out", str(tmp_path/"k.jsonl")])
+        assert rc == 0 and {b["max_tokens"] for b in srv.bodies} == {SyntheticPipeline.max_tokens} == {384}
+    finally: srv.close()
+
+
+def short_seeds(legal, n=16):
+    return [Example(e.input[:n], e.target, id=e.id) for e in legal.train]
+
+
+def test_local_constrained_json_always_parses_with_a_label_of_the_enum(legal, tiny_teacher, tmp_path, no_http):
+    seeds = short_seeds(legal)
+    pipe = SyntheticPipeline(teacher_model=tiny_teacher, mode="json", cache_path=str(tmp_path/"a.jsonl"), max_tokens=96, concurrency=4)
+    syn = pipe.generate(seeds, 12, task=legal)
+    assert pipe.schema["properties"]["text"]["maxLength"] == 24 and pipe.schema["properties"]["label"]["enum"] == legal.labels
+    recs = [json.loads(l) for l in (tmp_path/"a.jsonl").read_text().splitlines()]
+    assert len(recs) == 12 and pipe.rejected == [] and len(syn) == 12
+    assert all(r["constrained"] == "xgrammar" and r["finish_reason"] == "stop" for r in recs)
+    assert all(reply_errors(r["reply"], pipe.schema) == [] for r in recs)
+    assert all(e.target in legal.labels for e in syn) and len({e.target for e in syn}) > 1
+    # batched under the grammar, each row still samples with its own seed: another batch size, the same replies
+    other = SyntheticPipeline(teacher_model=tiny_teacher, mode="json", cache_path=str(tmp_path/"b.jsonl"), max_tokens=96, concurrency=5)
+    other.generate(seeds, 12, task=legal)
+    assert replies(tmp_path/"b.jsonl") == replies(tmp_path/"a.jsonl")
+    # unconstrained, the same random model writes no JSON at all: the constraint did the work
+    free = SyntheticPipeline(teacher_model=tiny_teacher, mode="json", structured=False, cache_path=False, max_tokens=24, concurrency=4)
+    assert free.generate(seeds, 4, task=legal) == []
+
+
+def test_local_reply_cut_at_max_tokens_is_truncated(legal, tiny_teacher, no_http):
+    pipe = SyntheticPipeline(teacher_model=tiny_teacher, mode="json", cache_path=False, max_tokens=5, concurrency=4)
+    assert pipe.generate(short_seeds(legal), 4, task=legal) == []
+    assert Counter(r["reason"] for r in pipe.rejected) == {"truncated": 4}
+
+
+def test_missing_xgrammar_fails_before_loading_the_model(legal, monkeypatch):
+    monkeypatch.setitem(sys.modules, "xgrammar", None)   # as if not installed
+    pipe = SyntheticPipeline(teacher_model="tiny", mode="json", cache_path=False)
+    with pytest.raises(ImportError, match=r"pip install xgrammar .*structured=False"): pipe.generate(legal.train, 2, task=legal)
+    assert pipe._local_teacher is None
+    # JSON without the constraint does not need it
+    SyntheticPipeline(teacher_model="tiny", mode="json", structured=False, cache_path=False, max_tokens=2).generate(legal.train, 1, task=legal)
+
+
+def test_bad_structured_flag():
+    with pytest.raises(ValueError, match="structured must be True or False"): SyntheticPipeline(structured="yes")

@@ -6,7 +6,7 @@ Docs: https://vrnx.github.io/vrnx_nb/augmentation.html.md"""
 
 # %% ../nbs/04_augmentation.ipynb #f83bc4e3
 from __future__ import annotations
-import asyncio, hashlib, json, math, os, random, re, socket, sys, threading, time
+import asyncio, hashlib, json, math, os, random, re, socket, sys, threading, time, warnings
 from collections import Counter
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
@@ -17,11 +17,13 @@ from .tasks import Example, Task
 from .serving import TeacherEndpoint, free_port, local_teacher  # the server lifecycle; re-exported here
 
 # %% auto #0
-__all__ = ['INPUT_KEYS', 'TARGET_KEYS', 'FORMAT_CHECKS', 'AXES', 'MODES', 'OFF_TASK', 'extract_json', 'parse_reply',
-           'SeedProfile', 'profile_seeds', 'build_request', 'default_mode', 'build_label_request', 'split_question',
-           'build_input_request', 'build_target_request', 'clean_reply', 'request_key', 'ReplyCache', 'TeacherError',
-           'run_sync', 'normalize_text', 'Decontaminator', 'corrupt_examples', 'QualityClassifier', 'mmr_select',
-           'teacher_name', 'LocalTeacher', 'Usage', 'AugmentReport', 'SyntheticPipeline', 'write_jsonl', 'main_augment']
+__all__ = ['INPUT_KEYS', 'TARGET_KEYS', 'FORMAT_CHECKS', 'AXES', 'MODES', 'SCHEMA_FIELDS', 'OFF_TASK', 'SUPPORT_FILE',
+           'extract_json', 'parse_reply', 'SeedProfile', 'profile_seeds', 'build_request', 'default_mode',
+           'build_label_request', 'split_question', 'build_input_request', 'build_target_request', 'task_schema',
+           'schema_errors', 'reply_errors', 'response_format', 'clean_reply', 'request_key', 'ReplyCache',
+           'TeacherError', 'run_sync', 'normalize_text', 'Decontaminator', 'corrupt_examples', 'QualityClassifier',
+           'mmr_select', 'teacher_name', 'LocalTeacher', 'Usage', 'AugmentReport', 'SyntheticPipeline', 'write_jsonl',
+           'main_augment']
 
 # %% ../nbs/04_augmentation.ipynb #b82686b8
 def _balanced_objects(text:str):
@@ -48,9 +50,9 @@ def extract_json(text:str) -> tuple[dict|None, str]:
     for chunk in fenced + [text]:
         for cand in _balanced_objects(chunk):
             found_brace = True
-            try: obj = json.loads(cand)
+            try: obj = json.loads(cand, strict=False)  # raw control characters in strings (small models write them) pass
             except json.JSONDecodeError:
-                try: obj = json.loads(re.sub(r",\s*}", "}", cand))  # trailing comma
+                try: obj = json.loads(re.sub(r",\s*}", "}", cand), strict=False)  # trailing comma
                 except json.JSONDecodeError: continue
             if isinstance(obj, dict): return obj, ""
     if found_brace: return None, "invalid_json"
@@ -76,7 +78,7 @@ def _objects(text:str, limit:int=4) -> list[dict]:
     "Up to `limit` JSON objects that parse, in order."
     out = []
     for cand in _balanced_objects(text):
-        try: obj = json.loads(re.sub(r",\s*}", "}", cand))
+        try: obj = json.loads(re.sub(r",\s*}", "}", cand), strict=False)
         except json.JSONDecodeError: continue
         if isinstance(obj, dict): out.append(obj)
         if len(out) == limit: break
@@ -208,6 +210,32 @@ def _length_range(stats:dict, which:str) -> tuple[int, int]:
 
 def _clip(text:str, n:int) -> str: return text if len(text) <= n else text[:n].rsplit(" ", 1)[0] + " ..."
 
+def _pick_label(profile:SeedProfile, rng:random.Random) -> str:
+    "A label drawn with weight 1/(seed count + 1): rare labels are asked for most."
+    names = list(profile.labels)
+    return rng.choices(names, weights=[1/(profile.labels[l]+1) for l in names])[0]
+
+def _shots(seeds:list, rng:random.Random, n:int, label=None, n_same:int|None=None) -> list:
+    "Up to `n` seed indices: up to `n_same` (default all `n`) with target `label` first, then others."
+    same = [i for i in range(len(seeds)) if label is not None and seeds[i].target == label]
+    picked = rng.sample(same, min(n if n_same is None else n_same, n, len(same)))
+    rest = [i for i in range(len(seeds)) if i not in picked]
+    return picked + rng.sample(rest, min(n - len(picked), len(rest)))
+
+def _rules(domain_constraints) -> str: return "".join(f"\n- {c}" for c in (domain_constraints or []))
+
+def _request(index:int, mode:str, step:str, messages:list, label, axes:dict, seeds:list, shots:list, **extra) -> dict:
+    "The record every request builder returns: the messages, and what was sampled for them."
+    return {"index": index, "mode": mode, "step": step, "messages": messages, "target_label": label, "axes": axes,
+            "shots": [seeds[i].id or str(i) for i in shots], "shot_idx": shots, **extra}
+
+def _io_keys(keys:list) -> tuple[str, str]:
+    "Which of a reply's JSON keys holds the input and which the target."
+    ik, tk = next((k for k in keys if k in INPUT_KEYS), None), next((k for k in keys if k in TARGET_KEYS), None)
+    if ik is None or tk is None:
+        raise ValueError(f"schema keys {keys}: expected one input key {INPUT_KEYS} and one target key {TARGET_KEYS}")
+    return ik, tk
+
 def build_request(profile:SeedProfile, # from `profile_seeds`
                   seeds:list, # the seed `Example`s
                   index:int, # request number in the run
@@ -217,41 +245,38 @@ def build_request(profile:SeedProfile, # from `profile_seeds`
                   instruction:str="", # the task's own instruction, if any
                   n_shots:int=3, # few-shot examples per request
                   max_shot_chars:int=700, # long seed inputs are cut to this in the prompt
+                  schema:dict|None=None, # the reply's schema (`task_schema`): its keys, in order; None: input, target
                  ) -> dict:
     "One generation request: chat messages plus what was asked for (label, axes, few-shot ids)."
     rng = random.Random(f"vrnx-augment:{seed}:{index}")
-    label = None
-    if profile.kind == "classification" and profile.labels:
-        names = list(profile.labels)
-        label = rng.choices(names, weights=[1/(profile.labels[l]+1) for l in names])[0]
-    pool = list(range(len(seeds)))
-    same = [i for i in pool if seeds[i].target == label] if label is not None else []
-    shots = ([rng.choice(same)] if same else [])
-    rest = [i for i in pool if i not in shots]
-    shots += rng.sample(rest, min(n_shots - len(shots), len(rest)))
-    rng.shuffle(shots)
+    label = _pick_label(profile, rng) if profile.kind == "classification" and profile.labels else None
+    shots = _shots(seeds, rng, n_shots, label, n_same=1); rng.shuffle(shots)
     axes = {k: rng.choice(v) for k, v in AXES.items()}
     fmts = [k for k, v in profile.formats.items() if v >= 0.2] or ["as in the examples"]
     axes["format"] = rng.choice(fmts)
     lo, hi = _length_range(profile.input_words, axes["length"])
-    shot_lines = "\n".join(json.dumps({"input": _clip(seeds[i].input.strip(), max_shot_chars), "target": seeds[i].target}, ensure_ascii=False) for i in shots)
-    rules = "".join(f"\n- {c}" for c in (domain_constraints or []))
-    if label is not None: want = f'The target must be exactly "{label}" (allowed labels: {", ".join(profile.labels)}).'
+    keys = list(schema["properties"]) if schema else ["input", "target"]
+    ik, tk = _io_keys(keys)
+    shot = lambda e: {k: (_clip(e.input.strip(), max_shot_chars) if k == ik else e.target) for k in keys}
+    shot_lines = "\n".join(json.dumps(shot(seeds[i]), ensure_ascii=False) for i in shots)
+    rules = _rules(domain_constraints)
+    if label is not None: want = f'The {tk} must be exactly "{label}" (allowed labels: {", ".join(profile.labels)}).'
     else:
         tlo, thi = _length_range(profile.target_words, "medium")
-        want = f"The target must be a correct answer for the input, about {tlo}-{thi} words, written like the targets above."
+        many = {"summary": "summaries"}.get(tk, tk + "s")
+        want = f"The {tk} must be a correct answer for the {ik}, about {tlo}-{thi} words, written like the {many} above."
+    reply = "{" + ", ".join(f'"{k}": "..."' for k in keys) + "}"
     user = (f"You write new training examples for this task: {task_description}\n"
             + (f"The model being trained gets this instruction: {instruction}\n" if instruction else "")
             + f"What the existing data looks like: {profile.text}\n"
             + (f"Rules:{rules}\n" if rules else "")
             + f"\nExamples, one JSON object per line:\n{shot_lines}\n\n"
-            + f"Write ONE new example that is different from these. {want} The input must be about {lo}-{hi} words "
+            + f"Write ONE new example that is different from these. {want} The {ik} must be about {lo}-{hi} words "
             + f"({axes['length']}), style: {axes['style']}, format: {axes['format']}, difficulty: {axes['difficulty']}.\n"
-            + 'Reply with a single JSON object {"input": "...", "target": "..."} and nothing else.')
+            + f"Reply with a single JSON object {reply} and nothing else.")
     msgs = [{"role": "system", "content": "You create realistic, varied, correctly labelled training data. You reply with JSON only."},
             {"role": "user", "content": user}]
-    return {"index": index, "messages": msgs, "target_label": label, "axes": axes,
-            "shots": [seeds[i].id or str(i) for i in shots], "input_words": [lo, hi]}
+    return _request(index, "json", "example", msgs, label, axes, seeds, shots, input_words=[lo, hi])
 
 # %% ../nbs/04_augmentation.ipynb #605e7497
 MODES = ("json", "label", "two_step") # how requests ask for an example
@@ -262,20 +287,6 @@ def default_mode(kind:str, # task kind
     "The generation mode for a task kind: JSON for endpoint teachers; for a local one, label or two steps."
     if not local: return "json"
     return "label" if kind == "classification" else "two_step"
-
-def _pick_label(profile:SeedProfile, rng:random.Random) -> str:
-    "A label drawn with weight 1/(seed count + 1): rare labels are asked for most."
-    names = list(profile.labels)
-    return rng.choices(names, weights=[1/(profile.labels[l]+1) for l in names])[0]
-
-def _shots(seeds:list, rng:random.Random, n:int, label=None) -> list:
-    "Up to `n` seed indices, those with target `label` first."
-    same = [i for i in range(len(seeds)) if label is not None and seeds[i].target == label]
-    picked = rng.sample(same, min(n, len(same)))
-    rest = [i for i in range(len(seeds)) if i not in picked]
-    return picked + rng.sample(rest, min(n - len(picked), len(rest)))
-
-def _rules(domain_constraints) -> str: return "".join(f"\n- {c}" for c in (domain_constraints or []))
 
 def build_label_request(profile:SeedProfile, # from `profile_seeds` (a classification task)
                         seeds:list, # the seed `Example`s
@@ -300,8 +311,7 @@ def build_label_request(profile:SeedProfile, # from `profile_seeds` (a classific
         msgs += [{"role": "user", "content": f'Write one text whose label is "{seeds[i].target}".'},
                  {"role": "assistant", "content": _clip(seeds[i].input.strip(), max_shot_chars)}]
     msgs.append({"role": "user", "content": f'Write one text whose label is "{label}".'})
-    return {"index": index, "mode": "label", "step": "input", "messages": msgs, "target_label": label, "axes": {},
-            "shots": [seeds[i].id or str(i) for i in shots], "shot_idx": shots}
+    return _request(index, "label", "input", msgs, label, {}, seeds, shots)
 
 # %% ../nbs/04_augmentation.ipynb #f2479b14
 _QUESTION = re.compile(r"\n\s*Question:\s*", re.I)
@@ -335,8 +345,7 @@ def build_input_request(profile:SeedProfile, # from `profile_seeds`
                  "Reply with the question only."},
                 {"role": "user", "content": f"{context}\n\nA question the text above answers: {question}\n\n"
                  "Write one new, different question that the text above answers."}]
-        return {"index": index, "mode": "two_step", "step": "input", "messages": msgs, "target_label": None, "axes": {},
-                "shots": [seeds[i].id or str(i)], "shot_idx": [i], "context": context}
+        return _request(index, "two_step", "input", msgs, None, {}, seeds, [i], context=context)
     shots = _shots(seeds, rng, n_shots); rng.shuffle(shots)
     msgs = [{"role": "system", "content": f"You write inputs for this task: {task_description}\nWrite them like the examples: "
              f"the same style, length and vocabulary, a new one each time.\n{rule_text}Reply with the input only."}]
@@ -344,8 +353,7 @@ def build_input_request(profile:SeedProfile, # from `profile_seeds`
         msgs += [{"role": "user", "content": "Write one input for this task."},
                  {"role": "assistant", "content": _clip(seeds[i].input.strip(), max_shot_chars)}]
     msgs.append({"role": "user", "content": "Write one input for this task."})
-    return {"index": index, "mode": "two_step", "step": "input", "messages": msgs, "target_label": None, "axes": {},
-            "shots": [seeds[i].id or str(i) for i in shots], "shot_idx": shots}
+    return _request(index, "two_step", "input", msgs, None, {}, seeds, shots)
 
 def build_target_request(first:dict, # the step-1 request (from `build_input_request`)
                          new_input:str, # the input the teacher wrote for it
@@ -369,6 +377,64 @@ def build_target_request(first:dict, # the step-1 request (from `build_input_req
         msgs.append({"role": "user", "content": f"{instruction}\n\n{new_input}"})
     return {"index": first["index"], "mode": "two_step", "step": "target", "messages": msgs, "target_label": None,
             "axes": first["axes"], "shots": first["shots"]}
+
+# %% ../nbs/04_augmentation.ipynb #b39425d7
+SCHEMA_FIELDS = {"classification": ("label", "text"), "summarization": ("input", "summary"), # JSON keys of an example,
+                 "qa": ("question", "answer"), "generation": ("input", "target")} # per task kind, in the order written
+_FIELD_HELP = {"text": "the text to classify, written like the seed inputs", "summary": "the summary of the input",
+               "input": "the input, written like the seed inputs", "answer": "the answer to the question",
+               "question": "the whole input as the seeds give it: the context, then the question",
+               "target": "the target for the input"}
+
+def task_schema(task, # a `Task` or a `SeedProfile`: its kind and label set
+                max_chars:int|dict|None=None, # maxLength (and minLength 1) of the text fields, or per field; None: no bounds
+               ) -> dict:
+    "The JSON schema of one generated example: the task kind's fields, all required, nothing else, labels as an enum."
+    kind, labels = task.kind, list(task.labels or [])
+    if kind not in SCHEMA_FIELDS: raise ValueError(f"task_schema: kind {kind!r} is not one of {sorted(SCHEMA_FIELDS)}")
+    if kind == "classification" and not labels:
+        raise ValueError("task_schema: a classification task needs its label set (task.labels)")
+    fields = SCHEMA_FIELDS[kind]
+    if isinstance(max_chars, dict) and set(max_chars) - set(fields):
+        raise ValueError(f"task_schema: max_chars names {sorted(set(max_chars) - set(fields))}, "
+                         f"not fields of a {kind} example {list(fields)}")
+    props = {}
+    for f in fields:
+        if f == "label": props[f] = {"type": "string", "enum": labels}; continue
+        props[f] = {"type": "string", "description": _FIELD_HELP[f]}
+        cap = max_chars.get(f) if isinstance(max_chars, dict) else max_chars
+        if cap is not None: props[f].update(minLength=1, maxLength=int(cap))
+    name = getattr(task, "name", "") or kind
+    return {"title": f"{name} example", "type": "object", "properties": props, "required": list(fields),
+            "additionalProperties": False}
+
+def schema_errors(obj, # a parsed reply
+                  schema:dict, # from `task_schema`
+                 ) -> list:
+    "What makes `obj` break a `task_schema` schema: missing, extra or non-string fields, a value off the enum, a length."
+    if not isinstance(obj, dict): return [f"expected a JSON object, got {type(obj).__name__}"]
+    props = schema["properties"]
+    out = [f"missing field {k!r}" for k in schema.get("required", []) if k not in obj]
+    if schema.get("additionalProperties") is False: out += [f"unexpected field {k!r}" for k in obj if k not in props]
+    for k, p in props.items():
+        if k not in obj: continue
+        v = obj[k]
+        if not isinstance(v, str): out.append(f"field {k!r}: expected a string, got {type(v).__name__}"); continue
+        if "enum" in p and v not in p["enum"]: out.append(f"field {k!r}: {v!r} is not one of {p['enum']}")
+        if not p.get("minLength", 0) <= len(v) <= p.get("maxLength", math.inf):
+            out.append(f"field {k!r}: {len(v)} characters, expected {p.get('minLength', 0)} to {p.get('maxLength', 'any')}")
+    return out
+
+def reply_errors(text:str, schema:dict) -> list:
+    "`schema_errors` of a whole reply read as one JSON object, no chatter around it (what a schema-honouring server sends)."
+    try: obj = json.loads(text.strip(), strict=False)
+    except (json.JSONDecodeError, AttributeError): return ["not a JSON object"]
+    return schema_errors(obj, schema)
+
+def response_format(schema:dict) -> dict:
+    "The OpenAI `response_format` that asks an endpoint for replies matching `schema` (strict)."
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", schema.get("title", "example")).strip("_")[:64] or "example"
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
 
 # %% ../nbs/04_augmentation.ipynb #cddf4cdc
 _PREFIX = r"(?:input|text|clause|question|answer|summary|target|output|label|example(?:\s*\d+)?)"
@@ -654,6 +720,15 @@ def _load_teacher(source, device:str|None=None, dtype=None) -> tuple:
     if hasattr(source, "output_dir") or (path/training.RUN_FILE).exists(): return training.load_trained(path, device=device, dtype=dtype)
     return models.load_model(str(source), dtype=dtype, device=device)
 
+def _import_xgrammar():
+    "xgrammar, imported on first use (a heavy import); a clear error when it is missing."
+    try:
+        import xgrammar, xgrammar.contrib.hf
+    except ImportError as e:
+        raise ImportError("Constrained JSON decoding in this process needs xgrammar: pip install xgrammar (or pip install "
+                          "'vrnx_nb[structured]'); or pass structured=False to ask for JSON without constraint") from e
+    return xgrammar
+
 class _SeededSampler:
     "Logits processor: sample one token per row with that row's own generator; every other token gets -inf."
     def __init__(self, seeds:list, temperature:float, top_p:float):
@@ -688,15 +763,30 @@ class LocalTeacher:
         stops = gc.eos_token_id if isinstance(gc.eos_token_id, list) else [gc.eos_token_id]
         stops += [tok.eos_token_id] + [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>") if t in tok.get_vocab()]
         self.stop_ids = sorted({int(i) for i in stops if i is not None})
+        self._compiler, self._grammars = None, {}
 
     @property
     def device(self): return next(self.model.parameters()).device
+
+    def grammar(self, schema:dict): # a JSON schema (e.g. `task_schema`)
+        "`schema` compiled by xgrammar for this tokenizer, once per schema; no free whitespace, so no token is spent on it."
+        xgr = _import_xgrammar()
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self._grammars:
+            if self._compiler is None:
+                head = self.model.get_output_embeddings()
+                vocab = head.weight.shape[0] if head is not None else len(self.tokenizer)  # the logits' width
+                info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=vocab, stop_token_ids=self.stop_ids)
+                self._compiler = xgr.GrammarCompiler(info)
+            self._grammars[key] = self._compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
+        return self._grammars[key]
 
     def complete(self, conversations:list, # one list of chat messages per request
                  seeds:list, # one sampling seed per request
                  max_new_tokens:int=384, # completion limit
                  temperature:float=0.9, # 0: greedy
                  top_p:float=1.0, # nucleus sampling mass
+                 json_schema:dict|None=None, # constrain every reply to this JSON schema (xgrammar); None: free text
                 ) -> list:
         "One reply per conversation, in one batch: `{'text', 'finish_reason', 'usage'}` each."
         import torch
@@ -707,6 +797,8 @@ class LocalTeacher:
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=self.stop_ids, pad_token_id=tok.pad_token_id)
         procs = LogitsProcessorList([_SeededSampler(seeds, temperature, top_p)] if temperature > 0 else [])
+        if json_schema is not None:  # masks what the schema forbids, before sampling; one per generate, a matcher per row
+            procs.insert(0, _import_xgrammar().contrib.hf.LogitsProcessor(self.grammar(json_schema)))
         before = torch.get_num_threads()
         if self.threads: torch.set_num_threads(self.threads)
         try:
@@ -793,6 +885,7 @@ class SyntheticPipeline:
     max_tokens: int = 384 # completion limit per request
     n_shots: int = 3 # few-shot seeds per request
     mode: str|None = None # 'json', 'label' or 'two_step'; None: `default_mode` of the task kind and teacher
+    structured: bool = True # mode 'json': replies constrained to `task_schema` (xgrammar here; endpoints: response_format)
     device: str|None = None # local teacher: 'cpu', 'cuda', ...; None: the best available
     near_dup_threshold: float = 0.9 # char n-gram cosine at or above which two inputs are near duplicates
     max_redundancy: float = 0.7 # similarity allowed at the quality threshold (MMR floor)
@@ -822,13 +915,15 @@ class SyntheticPipeline:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0: raise ValueError(f"{name} must be a number >= 0, got {v!r}")
         if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1: raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.structured, bool):
+            raise ValueError(f"structured must be True or False, got {self.structured!r}")
         if self.mode is not None and self.mode not in MODES: raise ValueError(f"mode must be one of {MODES} (or None for the default of the task kind), got {self.mode!r}")
         if self.base_url is not None and not (isinstance(self.base_url, str) and re.match(r"^https?://", self.base_url)):
             raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
         if not isinstance(self.api_key_env, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env) or self.api_key_env.startswith("sk-"):
             raise ValueError("api_key_env is the NAME of an environment variable holding the key (e.g. 'OPENAI_API_KEY'), not the key itself")
         if self.teacher is not None and not callable(self.teacher): raise ValueError(f"teacher must be a callable, got {type(self.teacher).__name__}")
-        self.usage, self.rejected, self.profile, self.quality = Usage(), [], None, None
+        self.usage, self.rejected, self.profile, self.quality, self.schema = Usage(), [], None, None, None
         self._seeds, self._task, self._counts, self._stage_io = [], None, Counter(), []
         self._local_teacher = self.teacher_model if isinstance(self.teacher_model, LocalTeacher) else None
 
@@ -893,6 +988,12 @@ def _classify_error(openai, e) -> tuple[str, str]:
     if isinstance(e, ConnectionError): return "retry", "connection_error"
     return "fail", type(e).__name__
 
+def _refuses_response_format(openai, e) -> bool:
+    "Whether `e` is an endpoint refusing response_format: HTTP 400 or 422 whose message names it."
+    if openai is None or not isinstance(e, openai.APIStatusError) or e.status_code not in (400, 422): return False
+    text = f"{e} {getattr(e, 'body', '')}".lower()
+    return any(w in text for w in ("response_format", "response format", "json_schema"))
+
 def _not_a_completion(resp, base_url:str|None, secret:str|None=None) -> TeacherError:
     "The error for an endpoint that answered something other than a chat completion (a web page, another API)."
     got = resp if isinstance(resp, str) else (resp.to_json(indent=None) if hasattr(resp, "to_json") else repr(resp))
@@ -909,6 +1010,7 @@ async def _call(self:SyntheticPipeline, client, openai, req:dict, params:dict, s
     async with sem:
         attempt, t0 = 0, time.time()
         while True:
+            rf = state.get("rf") if self.teacher is None else None  # response_format, unless the endpoint refused it
             try:
                 if self.teacher is not None:
                     out = await asyncio.to_thread(self.teacher, req["messages"], req)
@@ -916,7 +1018,8 @@ async def _call(self:SyntheticPipeline, client, openai, req:dict, params:dict, s
                     finish = "stop"
                 else:
                     resp = await client.chat.completions.create(model=self.teacher_model, messages=req["messages"],
-                                                                seed=req["request_seed"], **params)
+                                                                seed=req["request_seed"], **params,
+                                                                **({"response_format": rf} if rf else {}))
                     if isinstance(resp, str) or getattr(resp, "choices", None) is None:
                         raise _not_a_completion(resp, self.base_url, state.get("key"))
                     choice = resp.choices[0] if resp.choices else None
@@ -926,9 +1029,14 @@ async def _call(self:SyntheticPipeline, client, openai, req:dict, params:dict, s
                 state["ok"] += 1
                 return {"key": req["key"], "index": req["index"], "seed": self.seed, "model": self.teacher_model, "reply": str(text),
                         "usage": usage, "finish_reason": finish, "attempts": attempt + 1, "latency_s": round(time.time() - t0, 3),
-                        "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                        "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **({"constrained": "response_format"} if rf else {})}
             except asyncio.CancelledError: raise
             except Exception as e:
+                if rf is not None and _refuses_response_format(openai, e):
+                    if state["rf"] is not None:  # the first refusal: remembered, warned once; no request carries it after
+                        state["rf"] = None
+                        self._remember_support("refused", _scrub(f"HTTP {e.status_code}: {e}", state.get("key"))[:200])
+                    continue  # the same request again, without response_format (not a retry: nothing was wrong with it)
                 kind, reason = _classify_error(openai, e)
                 msg = _scrub(f"{type(e).__name__}: {e}", state.get("key"))[:300]
                 if kind == "fatal":
@@ -948,10 +1056,11 @@ async def _call(self:SyntheticPipeline, client, openai, req:dict, params:dict, s
                 return {"key": req["key"], "index": req["index"], "error": reason, "detail": msg, "attempts": attempt + 1}
 
 @patch
-async def _run(self:SyntheticPipeline, todo:list, params:dict, cache:ReplyCache, usage:Usage):
+async def _run(self:SyntheticPipeline, todo:list, params:dict, cache:ReplyCache, usage:Usage,
+               rf:dict|None=None): # response_format, sent until the endpoint refuses it
     "Send `todo` with bounded concurrency; each reply goes to the cache as it arrives."
     openai = client = None
-    state = {"ok": 0, "retries": 0, "key": None}
+    state = {"ok": 0, "retries": 0, "key": None, "rf": rf}
     if self.teacher is None:
         openai = _import_openai()
         state["key"] = key = self._api_key()
@@ -975,29 +1084,97 @@ async def _run(self:SyntheticPipeline, todo:list, params:dict, cache:ReplyCache,
         if client is not None: await client.close()
     return errors
 
+# %% ../nbs/04_augmentation.ipynb #c2918504
+_SUPPORT = {} # endpoint -> {'response_format': 'json_schema' | 'refused' | 'ignored', 'why', 'time'}, in this process
+_WARNED = set() # endpoints warned about in this process
+SUPPORT_FILE = "endpoints.json" # beside the reply cache: what each endpoint did with response_format
+
+@patch
+def _endpoint_key(self:SyntheticPipeline) -> str:
+    return f"{(self.base_url or 'https://api.openai.com/v1').rstrip('/')} {self.teacher_model}"
+
+@patch
+def _support_file(self:SyntheticPipeline) -> Path|None:
+    "Where endpoint support is remembered: beside the reply cache; None without a cache."
+    if self.cache_path is None:
+        from vrnx_nb.models import cache_dir
+        return cache_dir()/"synthetic"/SUPPORT_FILE
+    return Path(self.cache_path).parent/SUPPORT_FILE if self.cache_path else None
+
+def _read_support(path) -> dict:
+    try: return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError): return {}
+
+@patch
+def response_format_support(self:SyntheticPipeline) -> str|None:
+    "What the endpoint does with `response_format`, as detected: 'json_schema', 'refused', 'ignored'; None: not known yet."
+    key = self._endpoint_key()
+    if key not in _SUPPORT:
+        f = self._support_file()
+        if f is not None and key in (known := _read_support(f)): _SUPPORT[key] = known[key]
+    return _SUPPORT.get(key, {}).get("response_format")
+
+@patch
+def _remember_support(self:SyntheticPipeline, value:str, why:str):
+    "Record what the endpoint does with response_format, here and beside the cache; warn (once) when it does not honour it."
+    key, f = self._endpoint_key(), self._support_file()
+    _SUPPORT[key] = {"response_format": value, "why": why, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if f is not None:
+        try:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            known = _read_support(f); known[key] = _SUPPORT[key]
+            tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp"); tmp.write_text(json.dumps(known, indent=1)); os.replace(tmp, f)
+        except OSError: pass  # remembered in this process only
+    self._warn_unconstrained()
+
+@patch
+def _warn_unconstrained(self:SyntheticPipeline):
+    "One warning per endpoint and process when its replies are not constrained to the schema."
+    key, s = self._endpoint_key(), _SUPPORT.get(self._endpoint_key(), {})
+    if s.get("response_format") in (None, "json_schema") or key in _WARNED: return
+    _WARNED.add(key)
+    did = "refused" if s["response_format"] == "refused" else "ignores"
+    url = self.base_url or "https://api.openai.com/v1"
+    warnings.warn(f"The teacher at {url} (model {self.teacher_model!r}) {did} response_format ({s['why']}): mode 'json' "
+                  "asks with the plain JSON prompt, unconstrained, and the filter drops what does not parse. Remembered in "
+                  f"{self._support_file() or 'this process'}; remove its entry there to try again.", stacklevel=3)
+
+@patch
+def _judge_support(self:SyntheticPipeline, sent:list, cache:ReplyCache, schema:dict):
+    "After response_format went to an endpoint not yet known: honoured if a complete reply matches, ignored if none of 3+."
+    recs = [cache.get(r["key"]) for r in sent]
+    done = [r for r in recs if r and r.get("constrained") == "response_format" and r.get("finish_reason") == "stop"]
+    good = sum(not reply_errors(rec["reply"], schema) for rec in done)
+    if good: self._remember_support("json_schema", f"{good} of {len(done)} complete replies matched the schema")
+    elif len(done) >= 3: self._remember_support("ignored", f"none of {len(done)} complete replies matched the schema")
+
 # %% ../nbs/04_augmentation.ipynb #f4770890
 @patch
-def _run_local(self:SyntheticPipeline, todo:list, params:dict, cache:ReplyCache, usage:Usage) -> list:
+def _run_local(self:SyntheticPipeline, todo:list, params:dict, cache:ReplyCache, usage:Usage,
+               schema:dict|None=None) -> list: # constrain the replies to it
     "Answer `todo` with the in-process teacher, `concurrency` requests per batch; each batch goes to the cache when done."
     teacher = self.local_teacher()
     order = sorted(todo, key=lambda r: len(json.dumps(r["messages"])))  # requests of similar length share a batch: less padding
     for i in range(0, len(order), self.concurrency):
         batch, t0 = order[i:i + self.concurrency], time.time()
         outs = teacher.complete([r["messages"] for r in batch], [r["request_seed"] for r in batch], max_new_tokens=params["max_tokens"],
-                                temperature=params["temperature"], top_p=params.get("top_p", 1.0))
+                                temperature=params["temperature"], top_p=params.get("top_p", 1.0), json_schema=schema)
         for r, o in zip(batch, outs):
             cache.add({"key": r["key"], "index": r["index"], "seed": self.seed, "model": self.teacher_name, "reply": o["text"],
                        "usage": o["usage"], "finish_reason": o["finish_reason"], "attempts": 1, "batch": len(batch),
-                       "latency_s": round(time.time() - t0, 3), "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                       "latency_s": round(time.time() - t0, 3), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                       **({"constrained": "xgrammar"} if schema is not None else {})})
             usage.calls += 1
             usage.prompt_tokens += o["usage"]["prompt_tokens"]; usage.completion_tokens += o["usage"]["completion_tokens"]
     return []
 
 @patch
-def _fetch(self:SyntheticPipeline, reqs:list, params:dict, cache:ReplyCache, usage:Usage) -> dict:
+def _fetch(self:SyntheticPipeline, reqs:list, params:dict, cache:ReplyCache, usage:Usage,
+           schema:dict|None=None) -> dict: # constrain the replies to it
     "Replies for `reqs` into `cache`: cached ones are free, the rest go to the teacher; key -> error record of those that failed."
+    kparams = {**params, "json_schema": schema} if schema is not None else params  # a constrained request is another request
     for r in reqs:
-        r["key"] = request_key(self.teacher_name, r["messages"], params, self.seed, r["index"])
+        r["key"] = request_key(self.teacher_name, r["messages"], kparams, self.seed, r["index"])
         r["request_seed"] = int(r["key"][:8], 16) & 0x7FFFFFFF  # from the key: the same request samples the same way on rerun
     todo = [r for r in reqs if r["key"] not in cache]
     usage.requests += len(reqs); usage.cached += len(reqs) - len(todo)
@@ -1006,10 +1183,17 @@ def _fetch(self:SyntheticPipeline, reqs:list, params:dict, cache:ReplyCache, usa
             u = cache.get(r["key"]).get("usage") or {}
             usage.cached_prompt_tokens += u.get("prompt_tokens", 0); usage.cached_completion_tokens += u.get("completion_tokens", 0)
     if not todo: return {}
-    if self.local: errors = self._run_local(todo, params, cache, usage)
+    if self.local: errors = self._run_local(todo, params, cache, usage, schema)
     else:
         if self.teacher is None: self._api_key(); _check_reachable(self.base_url, self.connect_timeout)
-        errors = run_sync(lambda: self._run(todo, params, cache, usage))
+        rf = known = None
+        if schema is not None and self.teacher is None:
+            known = self.response_format_support()
+            if known in (None, "json_schema"): rf = response_format(schema)
+            else: self._warn_unconstrained()
+        errors = run_sync(lambda: self._run(todo, params, cache, usage, rf))
+        if rf is not None and known is None and self.response_format_support() is None:
+            self._judge_support(todo, cache, schema)
     usage.failed += len(errors)
     return {e["key"]: e for e in errors}
 
@@ -1029,6 +1213,17 @@ def _synthetic(r:dict, inp:str, target:str, recs:list, pipe) -> Example:
                    meta={"synthetic": True, "request": r["index"], "mode": r.get("mode", "json"), "asked_label": r["target_label"],
                          "axes": r["axes"], "shots": r["shots"], "teacher": pipe.teacher_name,
                          "finish_reason": recs[0].get("finish_reason"), **({"target_finish_reason": recs[1].get("finish_reason")} if len(recs) > 1 else {})})
+
+@patch
+def _schema(self:SyntheticPipeline, seeds:list) -> dict:
+    "The run's reply schema; in process, text fields end where the length filter would drop them anyway (strings that end)."
+    src = self._task if self._task is not None else self.profile
+    if not self.local: return task_schema(src)  # endpoints: the subset strict servers take, no length bounds
+    ik, tk = _io_keys(list(SCHEMA_FIELDS[self.profile.kind]))
+    slack = 1 + self.length_slack
+    caps = {ik: math.ceil(slack*max(len(e.input) for e in seeds))}
+    if tk != "label": caps[tk] = math.ceil(slack*max(len(e.target) for e in seeds))
+    return task_schema(src, caps)
 
 @patch
 def generate(self:SyntheticPipeline,
@@ -1051,15 +1246,17 @@ def generate(self:SyntheticPipeline,
     self.profile, self._seeds, self._task = profile_seeds(seeds, task), seeds, task
     self.rejected, self._counts, self._stage_io = [], Counter(), []
     mode = self._mode(self.profile.kind)
+    self.schema = schema = self._schema(seeds) if mode == "json" and self.structured else None
+    if schema is not None and self.local: _import_xgrammar()  # missing: fail now, not after loading the model
     instruction = task.instruction if task is not None else ""
     params = {"temperature": self.temperature, "max_tokens": self.max_tokens, **({"top_p": self.top_p} if self.top_p < 1 else {})}
     build = {"json": build_request, "label": build_label_request, "two_step": build_input_request}[mode]
-    extra = {"instruction": instruction} if mode == "json" else {}
+    extra = {"instruction": instruction, "schema": schema} if mode == "json" else {}
     reqs = [build(self.profile, seeds, i, self.seed, task_description, domain_constraints, n_shots=self.n_shots, **extra) for i in range(target_count)]
     cache = self._cache()
     usage = self.usage = Usage(price_per_1k_prompt=self.price_per_1k_prompt, price_per_1k_completion=self.price_per_1k_completion)
     t0 = time.time()
-    failed = self._fetch(reqs, params, cache, usage)
+    failed = self._fetch(reqs, params, cache, usage, schema)
     def reply(r, prefix=""):
         "The cached reply record of `r`, or None after recording why there is none."
         rec = cache.get(r["key"])
@@ -1071,7 +1268,9 @@ def generate(self:SyntheticPipeline,
     for r in reqs:
         rec = reply(r)
         if rec is None: continue
-        if mode == "json": parsed, why = parse_reply(rec["reply"])
+        if mode == "json":
+            parsed, why = parse_reply(rec["reply"])
+            if parsed is None and rec.get("finish_reason") == "length": why = "truncated"  # cut before the JSON closed
         else:
             text, why = clean_reply(rec["reply"], rec.get("finish_reason"))
             parsed = None if text is None else {"input": text, "target": r["target_label"]}
@@ -1251,7 +1450,7 @@ def main_augment(argv:list|None=None) -> int:
     p.add_argument("--quality-threshold", type=float, default=0.85)
     p.add_argument("--diversity-weight", type=float, default=0.3)
     p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, default=SyntheticPipeline.max_tokens, help="completion limit per request")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=None, help="reply cache JSONL (default: under the package cache dir)")
     p.add_argument("--out", default=None, help="kept examples JSONL (default: synthetic_<task>.jsonl)")
