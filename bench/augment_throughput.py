@@ -42,7 +42,7 @@ def run(teacher, task, mode, n, batch, max_tokens, seed, n_shots):
     "Generate `n` requests with `batch` in flight, filter them, and return the CSV row."
     from vrnx_nb.augmentation import SyntheticPipeline
     pipe = SyntheticPipeline(teacher_model=teacher, mode=mode, concurrency=batch, max_tokens=max_tokens, cache_path=False,
-                             seed=seed, n_shots=n_shots)
+                             seed=seed, n_shots=n_shots, structured=constrained_available())
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
     syn = pipe.generate(task.train, n, task=task)
