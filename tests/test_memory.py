@@ -34,10 +34,12 @@ def test_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1"); monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(ValueError, match="not in the local Hugging Face cache"): load_config("no-such-org/no-such-model")
 
-@pytest.mark.parametrize("kw,msg", [(dict(batch_size=0), "batch_size"), (dict(batch_size=-2), "batch_size"), (dict(seq_len=0), "seq_len"),
-                                    (dict(r=0), "r must"), (dict(r=2.5), "r must"), (dict(batch_size=True), "batch_size"),
-                                    (dict(method="prefix"), "method"), (dict(dtype="int3"), "dtype"), (dict(optimizer="lion"), "optimizer"),
-                                    (dict(device="tpu"), "device"), (dict(overhead_gb=-1), "overhead_gb"), (dict(model=3.5), "expected a name")])
+@pytest.mark.parametrize("kw,msg", [
+    (dict(batch_size=0), "batch_size"), (dict(batch_size=-2), "batch_size"), (dict(seq_len=0), "seq_len"),
+    (dict(r=0), r"estimate_memory\.r: expected a positive integer, got 0"), (dict(r=2.5), "got 2.5"), (dict(batch_size=True), "batch_size"),
+    (dict(method="prefix"), r"estimate_memory\.method: expected one of \['full', 'lora', 'qlora', 'adapter'\], got 'prefix'"),
+    (dict(dtype="int3"), "dtype"), (dict(optimizer="lion"), "optimizer"), (dict(device="tpu"), "device"),
+    (dict(overhead_gb=-1), r"estimate_memory\.overhead_gb: expected a number >= 0 or None, got -1"), (dict(model=3.5), "expected a name")])
 def test_bad_arguments(kw, msg):
     args = {"model": "llama-2-7b", "method": "lora", **kw}
     with pytest.raises(ValueError, match=msg): estimate_memory(**args)

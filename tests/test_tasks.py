@@ -163,8 +163,10 @@ def test_split_indices_out_of_range_and_bad_sizes():
 
 def test_cap_train_and_with_train_reject_bad_input():
     t = load_task("medical")
-    with pytest.raises(ValueError, match=r"n_train: expected a positive integer, got 0"):
+    with pytest.raises(ValueError, match=r"cap_train\.n_train: expected a positive integer, got 0"):
         cap_train(t, 0)
+    with pytest.raises(ValueError, match=r"cap_train\.n_train: expected a positive integer, got True"):
+        cap_train(t, True)
     with pytest.raises(ValueError, match=r"with_train: item 1 is a dict, expected an Example"):
         t.with_train([t.train[0], {"input": "a", "target": "b"}])
     with pytest.raises(ValueError, match=r"with_train needs at least one example"):
@@ -266,7 +268,7 @@ def test_min_per_label_too_small_n_train_names_the_numbers():
     assert cap_train(t, 7, min_per_label=5).label_counts("train") == {"a": 2, "b": 5}
     with pytest.raises(ValueError, match=r"min_per_label applies to classification tasks; this one is summarization"):
         load_task("medical", n_train=20, min_per_label=2)
-    with pytest.raises(ValueError, match=r"min_per_label: expected a positive integer or None, got 0"):
+    with pytest.raises(ValueError, match=r"cap_train\.min_per_label: expected a positive integer or None, got 0"):
         load_task("legal", n_train=50, min_per_label=0)
 
 

@@ -100,9 +100,11 @@ def test_shared_prefix_trains_like_full_sequences(task, tmp_path):
 # --- bad input ---
 
 def test_unknown_method_and_bad_rank(task, tmp_path):
-    with pytest.raises(ValueError, match="method: 'prefix' is not one of"): finetune("tiny", task, method="prefix", output_dir=tmp_path)
-    with pytest.raises(ValueError, match="r: expected a positive integer, got 0"): finetune("tiny", task, method="lora", r=0, output_dir=tmp_path)
-    with pytest.raises(ValueError, match="r: expected a positive integer, got -4"): TrainConfig(method="lora", r=-4)
+    with pytest.raises(ValueError, match=r"TrainConfig\.method: expected one of \['full', 'lora', 'qlora', 'adapter'\], got 'prefix'"):
+        finetune("tiny", task, method="prefix", output_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"TrainConfig\.r: expected a positive integer, got 0"): finetune("tiny", task, method="lora", r=0, output_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"TrainConfig\.r: expected a positive integer, got -4"): TrainConfig(method="lora", r=-4)
+    with pytest.raises(ValueError, match=r"TrainConfig\.batch_size: expected a positive integer, got True"): TrainConfig(batch_size=True)
     with pytest.raises(TypeError, match="unknown argument"): finetune("tiny", task, method="lora", rank=8, output_dir=tmp_path)
     with pytest.warns(UserWarning, match="outside the usual LoRA range"): TrainConfig(method="lora", r=512)
 
@@ -248,7 +250,7 @@ def test_oversample_trainer_draws_rare_labels_more(tmp_path):
         else: assert share > 0.6, seen                       # power 1: each label about 1/9 of the draws
 
 def test_balance_bad_input():
-    with pytest.raises(ValueError, match=r"balance: 'smote' is not one of \('oversample', 'weight'\) or None"):
+    with pytest.raises(ValueError, match=r"TrainConfig\.balance: expected one of \['oversample', 'weight'\] or None, got 'smote'"):
         TrainConfig(balance="smote")
-    with pytest.raises(ValueError, match=r"balance_power: expected a value in \(0, 1\], got 2"):
+    with pytest.raises(ValueError, match=r"TrainConfig\.balance_power: expected a number in \(0, 1\], got 2"):
         TrainConfig(balance="weight", balance_power=2)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from .models import quiet_libraries
+from .checks import validate, positive_int, number_in, one_of
 quiet_libraries()  # before transformers is imported
 
 # %% auto #0
@@ -34,10 +35,8 @@ class BottleneckConfig:
     peft_type: str = "BOTTLENECK" # tag in the saved config
 
     def __post_init__(self):
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0: raise ValueError(f"BottleneckConfig.r: expected a positive integer, got {self.r!r}")
-        if not 0 <= self.dropout < 1: raise ValueError(f"BottleneckConfig.dropout: expected a value in [0, 1), got {self.dropout!r}")
         from transformers.activations import ACT2FN
-        if self.act not in ACT2FN: raise ValueError(f"BottleneckConfig.act: {self.act!r} is not one of {sorted(ACT2FN)}")
+        validate(self, {"r": positive_int, "dropout": number_in(0, 1), "act": one_of(sorted(ACT2FN))})
 
 # %% ../nbs/05a_bottleneck.ipynb #de4d9894
 class BottleneckLayer(nn.Module):

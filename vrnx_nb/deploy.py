@@ -6,11 +6,13 @@ Docs: https://vrnx.github.io/vrnx_nb/deploy.html.md"""
 
 # %% ../nbs/10_deploy.ipynb #90b26b03
 from __future__ import annotations
-import argparse, contextlib, importlib.util, json, os, random, shlex, shutil, sys, tempfile, time, warnings
+import argparse, contextlib, dataclasses, importlib.util, json, os, random, shlex, shutil, sys, tempfile, time, warnings
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import torch
 from .bottleneck import ADAPTER_CONFIG_NAME
+from .checks import validate, check_field, positive_int, int_at_least, one_of
+from .checks import default_of, config_kwargs, check_kwargs
 
 # %% auto #0
 __all__ = ['FORMATS', 'INSTALL', 'DTYPES', 'EXPORT_FILE', 'require_format', 'ExportConfig', 'ExportSource', 'export_source',
@@ -34,11 +36,14 @@ def _find_spec(name:str):
     try: return importlib.util.find_spec(name)
     except (ImportError, ValueError): return None
 
+def _format_note(format) -> str:
+    "What to do instead of a format that is not one (GGUF)."
+    gguf = "(GGUF: convert the merged folder with llama.cpp's convert_hf_to_gguf.py)"
+    return gguf if str(format).lower() == "gguf" else ""
+
 def require_format(format:str): # 'merged', 'gptq', 'awq' or 'bnb4'
     "Raise ValueError for an unknown format, ImportError naming the pip install when its library is missing."
-    if format not in FORMATS:
-        hint = " (GGUF: convert the merged folder with llama.cpp's convert_hf_to_gguf.py)" if str(format).lower() == "gguf" else ""
-        raise ValueError(f"format: expected one of {list(FORMATS)}, got {format!r}{hint}")
+    check_field("require_format", "format", format, one_of(FORMATS), note=_format_note(format))
     missing = [m for m in FORMATS[format] if _find_spec(m) is None]
     if missing: raise ImportError(f"export format {format!r} needs {', '.join(missing)}, which is not installed: run `{INSTALL[missing[0]]}`")
 
@@ -55,14 +60,9 @@ class ExportConfig:
     seed: int = 0 # which train examples calibrate
 
     def __post_init__(self):
-        if self.format not in FORMATS: raise ValueError(f"ExportConfig.format: expected one of {list(FORMATS)}, got {self.format!r}")
-        if self.dtype not in DTYPES: raise ValueError(f"ExportConfig.dtype: expected one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.bits not in (4, 8): raise ValueError(f"ExportConfig.bits: expected 4 or 8, got {self.bits!r}")
-        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 8):
-            raise ValueError(f"ExportConfig.group_size: expected an integer >= 8 or None, got {self.group_size!r}")
-        for name in ("n_calibration", "max_seq_length"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"ExportConfig.{name}: expected a positive integer, got {v!r}")
+        check_field("ExportConfig", "format", self.format, one_of(FORMATS), note=_format_note(self.format))
+        validate(self, {"dtype": one_of(sorted(DTYPES)), "bits": one_of((4, 8)), "group_size": int_at_least(8) | None,
+                        "n_calibration": positive_int, "max_seq_length": positive_int})
         self.dtype = str(DTYPES[self.dtype]).removeprefix("torch.")
 
 # %% ../nbs/10_deploy.ipynb #d4fc75e2
@@ -379,20 +379,20 @@ def _default_dir(s:ExportSource, format:str) -> Path:
     if s.weights_dir: return Path(s.weights_dir).with_name(f"{Path(s.weights_dir).name}-{format}")
     return cache_dir()/"exports"/f"{Path(s.base_model).name}-{format}"
 
+@config_kwargs(ExportConfig)
 def export(src, # a `TrainResult`, a run folder, an adapter folder, or a model alias/folder
-           format:str="merged", # 'merged', 'gptq', 'awq' or 'bnb4'
+           format:str=ExportConfig.format, # 'merged', 'gptq', 'awq' or 'bnb4'
            output_dir:str|os.PathLike|None=None, # default: `<run folder>-<format>` (or under the cache for a base model)
            task=None, # `Task` or name to calibrate gptq/awq on; default: the run's own task (its task.json)
            base:str|None=None, # base model of an adapter folder (default: the one it names)
            overwrite:bool=False, # replace an existing output folder
            scores:list|None=None, # `Scores` to put in the model card
            task_flags:list|None=None, # `vrnx export` flags that rebuild a given `task` (main_export passes --data ...)
-           **kwargs, # `ExportConfig` fields: dtype, bits, group_size, n_calibration, max_seq_length, seed
+           **kwargs, # the other `ExportConfig` fields (dtype, bits, group_size, n_calibration, ...), defaults from it
           ) -> ExportResult:
     "Merge, optionally quantize, and save `src` as a self-contained model folder with a model card."
     from vrnx_nb.calibration import CALIBRATION_FILE, load_calibration
-    unknown = sorted(set(kwargs) - set(ExportConfig.__dataclass_fields__))
-    if unknown: raise TypeError(f"export: unknown argument(s) {unknown}; ExportConfig fields are {sorted(ExportConfig.__dataclass_fields__)}")
+    check_kwargs("export", ExportConfig, kwargs)
     cfg = ExportConfig(format=format, **kwargs)
     require_format(cfg.format)
     s = export_source(src, base)
@@ -514,15 +514,16 @@ def _data_task(a) -> tuple:
              "--instruction", instruction] + (["--task", a.task] if a.task else [])
     return task, flags
 
-def main_export(argv:list|None=None) -> int:
-    "`vrnx export`: merge and export a run (or base model + adapter) as a merged, gptq, awq or bnb4 folder."
+def _export_parser():
+    "The options of `vrnx export`: those named after an `ExportConfig` field (`dest`) take its default."
     from vrnx_nb.tasks import KINDS
+    d = lambda name: default_of(ExportConfig, name)
     p = argparse.ArgumentParser(prog="vrnx export", description="Merge an adapter and export a model folder (merged, gptq, awq, bnb4) with a model card.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="a finished run folder (from vrnx train)")
     src.add_argument("--model", help="base model alias, folder or hub id (with --adapter: the adapter's base)")
     p.add_argument("--adapter", default=None, help="a peft adapter folder to merge into --model")
-    p.add_argument("--format", default="merged", choices=list(FORMATS))
+    p.add_argument("--format", default=d("format"), choices=list(FORMATS))
     p.add_argument("--out", default=None, help="output folder (default: <run>-<format>)")
     p.add_argument("--task", default=None,
                    help="bundled task to calibrate gptq/awq on (default: the run's own task, kept in task.json); with --data: its name")
@@ -532,19 +533,26 @@ def main_export(argv:list|None=None) -> int:
     p.add_argument("--target-field", default="target", help="with --data: the target column")
     p.add_argument("--kind", default=None, choices=sorted(KINDS), help="with --data: the task kind (default: the run's)")
     p.add_argument("--instruction", default=None, help="with --data: the instruction the model was trained with (default: the run's)")
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=None)
-    p.add_argument("--n-calibration", type=int, default=64, help="train examples calibrating gptq/awq")
-    p.add_argument("--max-seq-length", type=int, default=512, help="calibration examples cut to this many tokens")
+    p.add_argument("--dtype", default=d("dtype"), choices=sorted(DTYPES))
+    p.add_argument("--bits", type=int, default=d("bits"), help="weight bits of gptq/awq")
+    p.add_argument("--group-size", type=int, default=d("group_size"),
+                   help="weights per scale (default: the largest of 128, 64, 32 that fits)")
+    p.add_argument("--n-calibration", type=int, default=d("n_calibration"), help="train examples calibrating gptq/awq")
+    p.add_argument("--max-seq-length", type=int, default=d("max_seq_length"),
+                   help="calibration examples cut to this many tokens")
     p.add_argument("--overwrite", action="store_true")
+    return p
+
+def main_export(argv:list|None=None) -> int:
+    "`vrnx export`: merge and export a run (or base model + adapter) as a merged, gptq, awq or bnb4 folder."
+    p = _export_parser()
     a = p.parse_args(argv)
     if a.adapter and not a.model: p.error("--adapter needs --model (the adapter's base)")
+    fields = {f.name for f in dataclasses.fields(ExportConfig)} - {"format"}
     try:
         task, flags = _data_task(a) if a.data else (a.task, None)
         res = export(a.run or a.adapter or a.model, a.format, a.out, task=task, base=a.model if a.adapter else None,
-                     overwrite=a.overwrite, task_flags=flags, dtype=a.dtype, bits=a.bits, group_size=a.group_size,
-                     n_calibration=a.n_calibration, max_seq_length=a.max_seq_length)
+                     overwrite=a.overwrite, task_flags=flags, **{k: v for k, v in vars(a).items() if k in fields})
     except (ValueError, ImportError, FileExistsError) as e:
         print(f"vrnx export: error: {e}", file=sys.stderr); return 2
     print(f"{res.output_dir}: {res.format}, {res.size_mb:.1f} MB, {res.seconds:.1f} s")

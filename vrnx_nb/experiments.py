@@ -6,11 +6,13 @@ Docs: https://vrnx.github.io/vrnx_nb/experiments.html.md"""
 
 # %% ../nbs/07_experiments.ipynb #5d610f5c
 from __future__ import annotations
-import argparse, csv, fcntl, functools, hashlib, io, json, math, os, re, sys, time, traceback, warnings
+import argparse, csv, fcntl, functools, hashlib, inspect, io, json, math, os, re, sys, time, traceback, warnings
 from collections import Counter
 from dataclasses import dataclass, field, asdict, fields, replace
 from pathlib import Path
 import numpy as np
+from .checks import Kind, validate, check_field, positive_int, positive_number, int_at_least, int_in, number_in, one_of
+from .checks import default_of
 
 # %% auto #0
 __all__ = ['TASK_BUDGETS', 'TOKENS_PER_S', 'EXAMPLES_PER_S', 'EXP_METHODS', 'AUGMENT_DEFAULT', 'R_RANGE', 'RESULT_COLUMNS',
@@ -43,6 +45,8 @@ def _task_kind(task:str) -> str:
     from vrnx_nb.tasks import load_task
     return load_task(task).kind
 
+_EC = "ExperimentConfig" # the owner in its error messages
+
 @dataclass
 class ExperimentConfig:
     "One experiment run: task, method, data, training budget and evaluation."
@@ -70,37 +74,31 @@ class ExperimentConfig:
 
     def __post_init__(self):
         from vrnx_nb.tasks import BUNDLED_TASKS, TASK_ALIASES
-        t = TASK_ALIASES.get(str(self.task).lower(), str(self.task).lower())
-        if t not in BUNDLED_TASKS: raise ValueError(f"ExperimentConfig.task: unknown task {self.task!r}; expected one of {sorted(BUNDLED_TASKS)}")
-        self.task = t
-        if self.method not in EXP_METHODS: raise ValueError(f"ExperimentConfig.method: {self.method!r} is not one of {EXP_METHODS}")
-        def pos_int(name, v, none_ok=False):
-            if v is None and none_ok: return
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
-                raise ValueError(f"ExperimentConfig.{name}: expected a positive integer{' or None' if none_ok else ''}, got {v!r}")
-        pos_int("n_train", self.n_train); pos_int("max_val_examples", self.max_val_examples)
-        for name in ("max_steps", "batch_size", "max_length", "limit"): pos_int(name, getattr(self, name), none_ok=True)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0: raise ValueError(f"ExperimentConfig.seed: expected an integer >= 0, got {self.seed!r}")
+        known = lambda t: TASK_ALIASES.get(str(t).lower(), str(t).lower())
+        aliases = ", ".join(sorted(TASK_ALIASES))
+        tasks = Kind(f"one of {sorted(BUNDLED_TASKS)} or an alias ({aliases})", lambda t: known(t) in BUNDLED_TASKS)
+        check_field(_EC, "task", self.task, tasks)
+        self.task = known(self.task)
+        validate(self, {"method": one_of(EXP_METHODS), "n_train": positive_int, "max_val_examples": positive_int,
+                        **{n: positive_int | None for n in ("max_steps", "batch_size", "max_length", "limit")},
+                        "seed": int_at_least(0)})
         if self.method in ("lora", "qlora", "adapter"):
-            if isinstance(self.r, bool) or not isinstance(self.r, (int, np.integer)) or not R_RANGE[0] <= self.r <= R_RANGE[1]:
-                raise ValueError(f"ExperimentConfig.r: expected an integer in {R_RANGE[0]}..{R_RANGE[1]} for method {self.method!r}, got {self.r!r}")
+            check_field(_EC, "r", self.r, int_in(*R_RANGE), note=f"for method {self.method!r}")
         else: self.r = 0
         if isinstance(self.augment, bool): self.augment = AUGMENT_DEFAULT if self.augment else 0
-        if not isinstance(self.augment, (int, np.integer)) or self.augment < 0: raise ValueError(f"ExperimentConfig.augment: expected True/False or a number of synthetic examples >= 0, got {self.augment!r}")
+        check_field(_EC, "augment", self.augment, Kind("True/False or a number of synthetic examples >= 0", int_at_least(0)))
         if self.method == "zero-shot" and self.augment: raise ValueError("ExperimentConfig.augment: zero-shot does not train, so it cannot use synthetic data")
-        if not (isinstance(self.epochs, (int, float)) and not isinstance(self.epochs, bool) and self.epochs > 0): raise ValueError(f"ExperimentConfig.epochs: expected a positive number, got {self.epochs!r}")
-        if self.learning_rate is not None and not self.learning_rate > 0: raise ValueError(f"ExperimentConfig.learning_rate: expected a positive number or None, got {self.learning_rate!r}")
-        if not 0 <= self.quality_threshold <= 1: raise ValueError(f"ExperimentConfig.quality_threshold: expected a number in [0, 1], got {self.quality_threshold!r}")
+        validate(self, {"epochs": positive_number, "learning_rate": positive_number | None, "lora_dropout": number_in(0, 1),
+                        "quality_threshold": number_in(0, 1, closed="both"),
+                        "balance": one_of(("oversample", "weight")) | None})
         for k, v in TASK_BUDGETS[self.task].items():
             if getattr(self, k) is None: setattr(self, k, v)
         kind = _task_kind(self.task)
         self.eval_mode = self.eval_mode or ("loglik" if kind == "classification" else "generate")
-        if self.eval_mode not in ("loglik", "generate"): raise ValueError(f"ExperimentConfig.eval_mode: expected 'loglik' or 'generate', got {self.eval_mode!r}")
+        check_field(_EC, "eval_mode", self.eval_mode, one_of(("loglik", "generate")))
         if self.eval_mode == "loglik" and kind != "classification": raise ValueError(f"ExperimentConfig.eval_mode: 'loglik' needs a classification task; {self.task!r} is {kind}")
         if (self.balance or self.calibrate) and kind != "classification":
             raise ValueError(f"ExperimentConfig: balance and calibrate need a classification task; {self.task!r} is {kind}")
-        if self.balance is not None and self.balance not in ("oversample", "weight"):
-            raise ValueError(f"ExperimentConfig.balance: expected None, 'oversample' or 'weight', got {self.balance!r}")
         if self.calibrate and self.eval_mode != "loglik": raise ValueError("ExperimentConfig.calibrate: needs eval_mode='loglik'")
         if self.method == "zero-shot" and self.balance: raise ValueError("ExperimentConfig.balance: zero-shot does not train")
         self.r, self.n_train, self.augment, self.seed = int(self.r), int(self.n_train), int(self.augment), int(self.seed)
@@ -352,10 +350,10 @@ def run_experiment(cfg:ExperimentConfig, # the run
 
 # %% ../nbs/07_experiments.ipynb #87b49241
 def method_grid(tasks=("legal", "medical", "finance"), # tasks to compare on
-                methods=("zero-shot", "full", "lora", "qlora", "adapter"), # methods (without augmentation)
+                methods=EXP_METHODS, # methods (without augmentation)
                 augmented=("qlora",), # methods also run with synthetic data
-                n_train:int=100, # real training examples of every run
-                r:int=16, # LoRA rank / adapter width
+                n_train:int=ExperimentConfig.n_train, # real training examples of every run
+                r:int=ExperimentConfig.r, # LoRA rank / adapter width
                 seeds=(0,), # one run per seed
                 **kw, # more `ExperimentConfig` fields (model, max_steps, limit, ...)
                ) -> list:
@@ -367,8 +365,8 @@ def method_grid(tasks=("legal", "medical", "finance"), # tasks to compare on
 def scaling_grid(task:str="legal", # the task
                  sizes=(50, 100, 200, 500, 1000), # real training examples per point
                  augment=(False, True), # without and with synthetic data
-                 method:str="qlora", # training method
-                 r:int=16, # LoRA rank
+                 method:str=ExperimentConfig.method, # training method
+                 r:int=ExperimentConfig.r, # LoRA rank
                  seeds=(0,), # one run per seed
                  max_steps:int=64, # step cap (one epoch is used when it is smaller)
                  **kw, # more `ExperimentConfig` fields
@@ -393,7 +391,7 @@ def balance_grid(task:str="legal", # a classification task
                  balances=(None, "oversample"), # training without and with balancing
                  calibrate=(False, True), # scoring by plain argmax and by the validation-fitted rule
                  method:str="lora", # training method
-                 r:int=16, # LoRA rank
+                 r:int=ExperimentConfig.r, # LoRA rank
                  max_steps:int=40, # optimizer steps of every run, whatever its size
                  seeds=(0,), # one run per seed
                  **kw, # more `ExperimentConfig` fields
@@ -466,7 +464,7 @@ def _one_budget(df, x:str, need:int=2) -> "pd.DataFrame":
 
 def experiment_table(results, # results CSV path or DataFrame
                      n_train:int|None=None, # data size to tabulate; default the most common among trained runs
-                     r:int=16, # rank of the LoRA/QLoRA/adapter rows
+                     r:int=ExperimentConfig.r, # rank of the LoRA/QLoRA/adapter rows
                      with_paper:bool=True, # add the paper's '% of full fine-tuning' column
                      tasks:list|None=None, # only these tasks (the average needs every task's column filled)
                     ) -> "pd.DataFrame":
@@ -708,60 +706,86 @@ def peak_share(results, # results CSV path or DataFrame
     return float(100*point/peak)
 
 # %% ../nbs/07_experiments.ipynb #1a87d581
+# `vrnx experiment` options passed to every config of a grid when given
+_CONFIG_OPTIONS = ("model", "max_steps", "batch_size", "epochs", "limit", "max_length", "quality_threshold", "teacher",
+                   "learning_rate", "lora_dropout")
+
+def _given(a, *names) -> dict:
+    "The options among `names` that were given (not None); the others keep the grid's or `ExperimentConfig`'s default."
+    return {k: getattr(a, k) for k in names if getattr(a, k, None) is not None}
+
 def _grid_from_args(a) -> list:
-    kw = {k: getattr(a, k) for k in ("model", "max_steps", "batch_size", "epochs", "limit", "max_length", "quality_threshold", "teacher",
-                                     "learning_rate", "lora_dropout")
-          if getattr(a, k, None) is not None}
-    if a.augment_count is not None: aug = a.augment_count
-    else: aug = True
+    kw = _given(a, *_CONFIG_OPTIONS)
+    aug = a.augment_count if a.augment_count is not None else True
+    sizes = {"sizes": tuple(a.sizes)} if a.sizes else {}
     if a.grid == "methods":
-        cfgs = method_grid(a.task, methods=a.methods or ("zero-shot", "full", "lora", "qlora", "adapter"), n_train=a.n_train or 100,
-                           augmented=("qlora",) if a.augmented is None else a.augmented, r=a.r or 16, seeds=a.seeds, **kw)
+        cfgs = method_grid(a.task, seeds=a.seeds, **_given(a, "methods", "augmented", "n_train", "r"), **kw)
         return [replace(c, augment=aug) if c.augment else c for c in cfgs]
     if a.grid == "scaling":
-        if "max_steps" not in kw: kw["max_steps"] = 64
         return [replace(c, augment=aug) if c.augment else c for t in a.task
-                for c in scaling_grid(t, sizes=a.sizes, augment=(False, True) if not a.no_augment else (False,), method=a.method or "qlora", r=a.r or 16, seeds=a.seeds, **kw)]
+                for c in scaling_grid(t, augment=(False, True) if not a.no_augment else (False,), seeds=a.seeds, **sizes,
+                                      **_given(a, "method", "r"), **kw)]
     if a.grid == "balance":
         kw = {k: v for k, v in kw.items() if k != "epochs"}
-        return [c for t in a.task for c in balance_grid(t, sizes=a.sizes or (50, 100, 200, 500), method=a.method or "lora", r=a.r or 16,
-                                                         seeds=a.seeds, **({"max_steps": 40} | kw))]
-    return [c for t in a.task for c in rank_grid(t, ranks=a.ranks, n_train=tuple(a.sizes) if a.sizes else (a.n_train or 50), method=a.method or "lora", seeds=a.seeds, **kw)]
+        return [c for t in a.task for c in balance_grid(t, seeds=a.seeds, **sizes, **_given(a, "method", "r"), **kw)]
+    n_train = {"n_train": tuple(a.sizes)} if a.sizes else _given(a, "n_train")
+    return [c for t in a.task for c in rank_grid(t, seeds=a.seeds, **n_train, **_given(a, "ranks", "method"), **kw)]
 
-def main_experiment(argv:list|None=None) -> int:
-    "`vrnx experiment`: run the method / scaling / rank grids into a results CSV; print the table; write the plots."
+def _experiment_parser():
+    "The options of `vrnx experiment`: a config option left out keeps the grid's or `ExperimentConfig`'s default."
+    d = lambda name: default_of(ExperimentConfig, name)
+    g = lambda f, name: inspect.signature(f).parameters[name].default  # a grid function's own default
+    words = lambda xs: " ".join(map(str, xs))
     p = argparse.ArgumentParser(prog="vrnx experiment", description=main_experiment.__doc__)
     p.add_argument("grid", choices=["methods", "scaling", "ranks", "balance", "table", "plot"], help="which grid to run, or what to show")
     p.add_argument("--task", nargs="+", default=None, help="tasks (default: all three for methods, legal otherwise)")
     p.add_argument("--results", default="experiments/results.csv", help="results CSV (default %(default)s)")
     p.add_argument("--cache", default=None, help="training outputs and synthetic data (default $VRNX_EXPERIMENTS_CACHE or ~/.cache/vrnx_nb/experiments)")
-    p.add_argument("--model", default=None, help="base model (default smollm2-135m; 'tiny' for a smoke test)")
-    p.add_argument("--methods", nargs="+", default=None, help="methods of the methods grid")
-    p.add_argument("--augmented", nargs="*", default=None, help="methods also run with synthetic data in the methods grid (default qlora; none: just the flag)")
-    p.add_argument("--method", default=None, help="method of the scaling (default qlora) or ranks (default lora) grid")
-    p.add_argument("--n-train", type=int, default=None, help="real training examples (methods: 100, ranks: 50)")
-    p.add_argument("--sizes", type=int, nargs="+", default=None, help="data sizes of the scaling grid (default 50 100 200 500 1000) or of the rank grid")
-    p.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32, 64, 128])
-    p.add_argument("-r", type=int, default=None, help="rank for the methods and scaling grids (default 16)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--max-steps", type=int, default=None, help="cap on optimizer steps (default per task; 64 for scaling)")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--model", default=None, help=f"base model (default {d('model')}; 'tiny' for a smoke test)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help=f"methods of the methods grid (default {words(g(method_grid, 'methods'))})")
+    p.add_argument("--augmented", nargs="*", default=None,
+                   help=f"methods also run with synthetic data in the methods grid (default "
+                        f"{words(g(method_grid, 'augmented'))}; none: just the flag)")
+    p.add_argument("--method", default=None, help=f"method of the scaling (default {g(scaling_grid, 'method')}), ranks "
+                   f"and balance (default {g(rank_grid, 'method')}) grids")
+    p.add_argument("--n-train", type=int, default=None,
+                   help=f"real training examples (methods: {g(method_grid, 'n_train')}, ranks: {g(rank_grid, 'n_train')})")
+    p.add_argument("--sizes", type=int, nargs="+", default=None,
+                   help=f"data sizes of the scaling grid (default {words(g(scaling_grid, 'sizes'))}), the balance grid "
+                        "or the rank grid")
+    p.add_argument("--ranks", type=int, nargs="+", default=None,
+                   help=f"ranks of the rank grid (default {words(g(rank_grid, 'ranks'))})")
+    p.add_argument("-r", type=int, default=None, help=f"rank for the methods, scaling and balance grids (default {d('r')})")
+    p.add_argument("--seeds", type=int, nargs="+", default=[d("seed")])
+    p.add_argument("--max-steps", type=int, default=None, help=f"cap on optimizer steps (default per task; "
+                   f"{g(scaling_grid, 'max_steps')} for scaling, {g(balance_grid, 'max_steps')} for balance)")
+    p.add_argument("--batch-size", type=int, default=None, help="examples per step (default per task)")
     p.add_argument("--lr", type=float, default=None, dest="learning_rate", help="learning rate (default per method)")
-    p.add_argument("--lora-dropout", type=float, default=None, help="LoRA / adapter dropout (default 0; rows before it was 0: 0.05)")
-    p.add_argument("--epochs", type=float, default=None, help="passes over the data, under the step cap (default 1)")
-    p.add_argument("--max-length", type=int, default=None)
-    p.add_argument("--limit", type=int, default=None, help="test examples scored (default legal all 500, medical 100, finance 32)")
+    p.add_argument("--lora-dropout", type=float, default=None,
+                   help=f"LoRA / adapter dropout (default {d('lora_dropout')}; rows trained before that default have "
+                        f"{_KEY_OMITTED['lora_dropout']})")
+    p.add_argument("--epochs", type=float, default=None,
+                   help=f"passes over the data, under the step cap (default {d('epochs')})")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="truncate training examples to this many tokens (default per task)")
+    p.add_argument("--limit", type=int, default=None, help="test examples scored (default " +
+                   ", ".join(f"{t} {b['limit'] or 'all'}" for t, b in TASK_BUDGETS.items()) + ")")
     p.add_argument("--augment-count", type=int, default=None, help=f"synthetic examples requested by augmented runs (default {AUGMENT_DEFAULT})")
     p.add_argument("--no-augment", action="store_true", help="scaling grid without the augmented curve")
-    p.add_argument("--quality-threshold", type=float, default=None)
-    p.add_argument("--teacher", default=None, help="teacher model served locally (default smollm2-135m)")
+    p.add_argument("--quality-threshold", type=float, default=None,
+                   help=f"keep synthetic examples scoring at least this (default {d('quality_threshold')})")
+    p.add_argument("--teacher", default=None, help=f"teacher model served locally (default {d('teacher')})")
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--out", default=None, help="folder for the PNGs of `plot` (default: beside the results)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and whether each is done; run nothing")
     p.add_argument("--keep-weights", action="store_true", help="keep full fine-tuning weights after scoring")
-    a = p.parse_args(argv)
+    return p
+
+def main_experiment(argv:list|None=None) -> int:
+    "`vrnx experiment`: run the method / scaling / rank grids into a results CSV; print the table; write the plots."
+    a = _experiment_parser().parse_args(argv)
     a.task = a.task or (["legal", "medical", "finance"] if a.grid in ("methods", "table", "plot") else ["legal"])
-    a.sizes = a.sizes if a.sizes or a.grid != "scaling" else [50, 100, 200, 500, 1000]
     try:
         if a.grid == "table": return _show_table(a)
         if a.grid == "plot": return _write_plots(a)
@@ -783,7 +807,7 @@ def _show_table(a) -> int:
     df = read_results(a.results)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         try:
-            t = experiment_table(df, n_train=a.n_train, r=a.r or 16)
+            t = experiment_table(df, n_train=a.n_train, r=a.r or ExperimentConfig.r)
             print(f"Table 3.1 (n_train={t.attrs['n_train']}, r={t.attrs['r']}; percent; paper: its claimed % of full fine-tuning)\n{t.to_string()}\n")
         except ValueError as e: print(f"(no method table: {e})")
         try: print(f"Runs (score with 95% bootstrap CI; other metrics)\n{runs_table(df, tasks=a.task).to_string()}\n")
@@ -797,7 +821,8 @@ def _write_plots(a) -> int:
     out = Path(a.out or Path(a.results).parent); out.mkdir(parents=True, exist_ok=True)
     df, written = read_results(a.results), []
     from vrnx_nb.evaluation import plot_results
-    for name, make in (("methods.png", lambda p: plot_results(experiment_table(df, n_train=a.n_train, r=a.r or 16, with_paper=False), p)),
+    table = lambda: experiment_table(df, n_train=a.n_train, r=a.r or ExperimentConfig.r, with_paper=False)
+    for name, make in (("methods.png", lambda p: plot_results(table(), p)),
                        ("scaling.png", lambda p: plot_scaling(df, p)), ("ranks.png", lambda p: plot_ranks(df, p)),
                        ("skew.png", lambda p: plot_skew(df, "legal", p, learning_rate=a.learning_rate,
                                                                    max_steps=a.max_steps))):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib, functools, json, os, re, math
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
+from .checks import check_field, field_error, missing_fields, positive_int, number_at_least, one_of
 
 # %% auto #0
 __all__ = ['GB', 'CONFIG_DIR', 'REQUIRED_FIELDS', 'METHODS', 'CPU_BASELINE_GB', 'PAPER_TABLE_2_1', 'available_models',
@@ -36,12 +37,13 @@ def _check_fields(d:dict, where:str, cls=None):
     amap = getattr(cls, "attribute_map", {}) or {}
     have = set(d) | {amap[k] for k in d if k in amap} | {v for k, v in amap.items() if v in d}
     have |= {k for k, v in amap.items() if v in d}
-    missing = [f for f in REQUIRED_FIELDS if f not in have and not (f == "intermediate_size" and ({"n_inner", "ffn_dim"} & set(d)))]
-    if missing: raise ValueError(f"config from {where} is missing field(s) {missing}: the memory estimate needs {list(REQUIRED_FIELDS)}")
+    if {"n_inner", "ffn_dim"} & set(d): have.add("intermediate_size")  # GPT-2 and OPT name the MLP width so
+    err = missing_fields(f"config from {where}", have, REQUIRED_FIELDS, needs="the memory estimate")
+    if err: raise err
 
 def _config_from_dict(d:dict, where:str):
     from transformers import AutoConfig, CONFIG_MAPPING
-    if "model_type" not in d: raise ValueError(f"config from {where} is missing field(s) ['model_type']: the memory estimate needs {list(REQUIRED_FIELDS)}")
+    if "model_type" not in d: raise missing_fields(f"config from {where}", d, REQUIRED_FIELDS, needs="the memory estimate")
     if d["model_type"] not in CONFIG_MAPPING: raise ValueError(f"config from {where}: unknown model_type {d['model_type']!r}")
     cls = CONFIG_MAPPING[d["model_type"]]
     _check_fields(d, where, cls)
@@ -152,7 +154,7 @@ _OPT_BYTES = {"adamw": 8, "adam": 8, "adamw_torch": 8, "adamw_8bit": 2, "paged_a
 
 def _dtype_name(dtype) -> str:
     name = str(dtype).replace("torch.", "").lower()
-    if name not in _DTYPE_BYTES: raise ValueError(f"dtype {dtype!r}: expected one of {sorted(set(_DTYPE_BYTES))}")
+    if name not in _DTYPE_BYTES: raise field_error("estimate_memory", "dtype", f"one of {sorted(set(_DTYPE_BYTES))}", dtype)
     return name
 
 @dataclass
@@ -181,7 +183,7 @@ class MemoryEstimate:
         return f"**{self.model}, {self.method}** ({self.trainable_params:,} trainable of {self.total_params:,} params)\n\n| part | GB |\n|---|---|\n{rows}"
 
 # %% ../nbs/02_memory.ipynb #be3a2afc
-def _check_pos(name, v, zero_ok=False):
+def _check_pos(name, v, zero_ok=False):  # recommend's argument checks (03_recommend); this module uses vrnx_nb.checks
     if isinstance(v, bool) or not isinstance(v, int) or v < 0 or (v == 0 and not zero_ok):
         raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
@@ -190,7 +192,7 @@ def trainable_params(pc:ParamCounts, method:str, r:int=16, target_modules=None) 
     if method == "full": return pc.total
     if method in ("lora", "qlora"): return sum(r*(i + o) for _, i, o in pc.lora_targets(target_modules))
     if method == "adapter": return pc.n_layers * 2 * (2*pc.hidden*r + pc.hidden + r)
-    raise ValueError(f"method {method!r}: expected one of {METHODS}")
+    raise field_error("trainable_params", "method", f"one of {list(METHODS)}", method)
 
 def _activation_elems(pc:ParamCounts, method:str, r:int, n_targets:int) -> int:
     "Elements autograd saves per token in one decoder block (Llama blocks, SDPA attention)."
@@ -215,11 +217,12 @@ def estimate_memory(model="smollm2-135m", # model name/path/config (see `load_co
                     overhead_gb:float|None=None, # runtime outside tensors; default 1 GB on a GPU, CPU_BASELINE_GB on the CPU
                    ) -> MemoryEstimate:
     "Estimated peak memory of fine-tuning `model` with `method`, from its config alone."
-    if method not in METHODS: raise ValueError(f"method {method!r}: expected one of {METHODS}")
-    for n, v in (("r", r), ("batch_size", batch_size), ("seq_len", seq_len)): _check_pos(n, v)
-    if optimizer not in _OPT_BYTES: raise ValueError(f"optimizer {optimizer!r}: expected one of {sorted(_OPT_BYTES)}")
-    if device not in ("cuda", "cpu", "mps"): raise ValueError(f"device {device!r}: expected 'cuda', 'cpu' or 'mps'")
-    if overhead_gb is not None and overhead_gb < 0: raise ValueError(f"overhead_gb must be >= 0, got {overhead_gb}")
+    o = "estimate_memory"
+    check_field(o, "method", method, one_of(METHODS))
+    for n, v in (("r", r), ("batch_size", batch_size), ("seq_len", seq_len)): check_field(o, n, v, positive_int)
+    check_field(o, "optimizer", optimizer, one_of(sorted(_OPT_BYTES)))
+    check_field(o, "device", device, one_of(("cuda", "cpu", "mps")))
+    check_field(o, "overhead_gb", overhead_gb, number_at_least(0), none_ok=True)
     pc, e = count_params(model), _DTYPE_BYTES[_dtype_name(dtype)]
     name = model if isinstance(model, str) else getattr(model, "_name_or_path", None) or type(model).__name__
     n_train = trainable_params(pc, method, r, target_modules)

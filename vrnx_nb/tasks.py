@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace, asdict
 from pathlib import Path
 from typing import Any, Iterable
+from .checks import check_field, positive_int
 
 # %% auto #0
 __all__ = ['KINDS', 'LEGAL_INSTRUCTION', 'MEDICAL_INSTRUCTION', 'FINANCE_INSTRUCTION', 'BUNDLED_TASKS', 'TASK_ALIASES',
@@ -273,7 +274,7 @@ def cap_train(task:Task, # the task to cut down
              ) -> Task:
     "The task with a seeded (stratified for classification) subset of `n_train` training examples; val and test unchanged."
     train = task.splits.get("train", [])
-    if not isinstance(n_train, int) or n_train <= 0: raise ValueError(f"n_train: expected a positive integer, got {n_train!r}")
+    check_field("cap_train", "n_train", n_train, positive_int)
     if n_train > len(train): raise ValueError(f"Task {task.name!r}: n_train={n_train} is larger than its train split ({len(train)} examples)")
     keys = [task.examples[i].target for i in train] if task.kind == "classification" else [0]*len(train)
     if min_per_label is not None: _check_min_per_label(task, keys, n_train, min_per_label)
@@ -285,8 +286,7 @@ def _check_min_per_label(task:Task, keys:list, n_train:int, k) -> None:
     "Raise when `min_per_label=k` is not a positive count, the task is not classification, or `n_train` cannot hold it."
     if task.kind != "classification":
         raise ValueError(f"Task {task.name!r}: min_per_label applies to classification tasks; this one is {task.kind}")
-    if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
-        raise ValueError(f"min_per_label: expected a positive integer or None, got {k!r}")
+    check_field("cap_train", "min_per_label", k, positive_int, none_ok=True)
     have = Counter(keys)
     need = sum(min(k, c) for c in have.values())
     if n_train < need:

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from .models import quiet_libraries
+from .checks import validate, positive_int, positive_number, number_in, one_of
+from .checks import default_of, config_kwargs, check_kwargs
 quiet_libraries()  # before transformers and peft are imported
 
 # %% auto #0
@@ -53,7 +55,7 @@ class TrainConfig:
     weight_decay: float = 0.0 # AdamW weight decay
     lr_scheduler_type: str = "linear" # transformers scheduler name
     seed: int = 0 # seeds weights init, dropout and data order
-    output_dir: str|None = None # where checkpoints and the result go; default under the cache dir
+    output_dir: str|None = None # where checkpoints and the result go; default `<cache>/runs/<model>-<task>-<method>-<hash>`
     resume: bool = True # continue from the last checkpoint of the same run
     overwrite: bool = False # replace an output dir that holds another run
     report_to: str|list = "none" # 'tensorboard', 'wandb', ... when installed
@@ -62,24 +64,14 @@ class TrainConfig:
     balance_power: float = 0.5 # label weight = count**-power, mean 1: 0.5 square-root balancing, 1 every label equal
 
     def __post_init__(self):
-        if self.method not in METHODS: raise ValueError(f"method: {self.method!r} is not one of {METHODS}")
-        for name in ("r", "batch_size", "grad_accum"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0: raise ValueError(f"{name}: expected a positive integer, got {v!r}")
-        for name in ("max_steps", "eval_steps", "max_length", "max_val_examples", "lora_alpha"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0): raise ValueError(f"{name}: expected a positive integer or None, got {v!r}")
-        if self.early_stopping_patience is not None and (not isinstance(self.early_stopping_patience, int) or self.early_stopping_patience < 1):
-            raise ValueError(f"early_stopping_patience: expected a positive integer or None, got {self.early_stopping_patience!r}")
-        if not 0 <= self.lora_dropout < 1: raise ValueError(f"lora_dropout: expected a value in [0, 1), got {self.lora_dropout!r}")
-        if self.learning_rate is not None and not self.learning_rate > 0: raise ValueError(f"learning_rate: expected a positive number, got {self.learning_rate!r}")
-        if not self.epochs > 0: raise ValueError(f"epochs: expected a positive number, got {self.epochs!r}")
-        if not 0 <= self.warmup_ratio < 1: raise ValueError(f"warmup_ratio: expected a value in [0, 1), got {self.warmup_ratio!r}")
+        validate(self, {"method": one_of(METHODS), "r": positive_int, "batch_size": positive_int, "grad_accum": positive_int,
+                        **{n: positive_int | None for n in ("max_steps", "eval_steps", "max_length", "max_val_examples",
+                                                             "lora_alpha", "early_stopping_patience")},
+                        "lora_dropout": number_in(0, 1), "learning_rate": positive_number | None, "epochs": positive_number,
+                        "warmup_ratio": number_in(0, 1), "balance": one_of(BALANCE_MODES) | None,
+                        "balance_power": number_in(0, 1, closed="right")})
         if self.method in ("lora", "qlora") and not 4 <= self.r <= 128:
             warnings.warn(f"r={self.r} is outside the usual LoRA range 4..128")
-        if self.balance is not None and self.balance not in BALANCE_MODES:
-            raise ValueError(f"balance: {self.balance!r} is not one of {BALANCE_MODES} or None")
-        if not 0 < self.balance_power <= 1: raise ValueError(f"balance_power: expected a value in (0, 1], got {self.balance_power!r}")
         if self.lora_alpha is None: self.lora_alpha = 2*self.r
         if self.learning_rate is None: self.learning_rate = DEFAULT_LR[self.method]
 
@@ -581,45 +573,21 @@ def _model_context(model) -> int|None:
     return int(n) if n else None
 
 # %% ../nbs/05_training.ipynb #3f2d82bf
+@config_kwargs(TrainConfig)
 def finetune(model:str, # model alias ('smollm2-135m', 'tiny'), local folder or hub id
              task, # a `Task` with train (and val) splits, or a bundled task name
-             method:str="qlora", # 'full', 'lora', 'qlora' or 'adapter'
-             r:int=16, # LoRA rank / adapter bottleneck width
-             lora_alpha:int|None=None, # LoRA alpha; default 2*r
-             lora_dropout:float=0.0, # LoRA / adapter dropout
-             target_modules:str|list="all-linear", # LoRA target layers
-             learning_rate:float|None=None, # default per method
-             epochs:float=3, # passes over the train split
-             batch_size:int=8, # examples per step per device
-             grad_accum:int=1, # gradient accumulation steps
-             max_steps:int|None=None, # cap on optimizer steps
-             gradient_checkpointing:bool=False, # recompute activations in backward
-             early_stopping_patience:int|None=3, # evaluations without improvement before stopping
-             eval_steps:int|None=None, # steps between evaluations/checkpoints; default twice per epoch
-             max_length:int|None=None, # truncate examples; default the model's context
-             output_dir:str|None=None, # default: `<cache>/runs/<model>-<task>-<method>-<hash>`
-             resume:bool=True, # continue the same run from its last checkpoint
-             seed:int=0, # seed for init, dropout and data order
-             report_to:str|list="none", # 'tensorboard', 'wandb', ... (when installed)
-             overwrite:bool=False, # replace an output dir holding another run
+             method:str=TrainConfig.method, # 'full', 'lora', 'qlora' or 'adapter'
              callbacks:list|None=None, # extra `TrainerCallback`s
              device:str|None=None, # default: the best available
-             balance:str|None=None, # None, 'oversample' or 'weight': lift rare labels (classification tasks)
-             **kwargs, # more `TrainConfig` fields: packing, max_val_examples, warmup_ratio, weight_decay, ...
+             **kwargs, # the other `TrainConfig` fields (r, learning_rate, max_steps, ...), with its defaults
             ) -> TrainResult:
     "Fine-tune `model` on `task` with `method`; early stopping on validation loss; returns a `TrainResult`."
     from transformers import TrainingArguments, EarlyStoppingCallback, set_seed
     from vrnx_nb.tasks import load_task
     from vrnx_nb.models import get_device, cache_dir
     t0 = time.time()
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(kwargs) - fields)
-    if unknown: raise TypeError(f"finetune: unknown argument(s) {unknown}; TrainConfig fields are {sorted(fields)}")
-    cfg = TrainConfig(method=method, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
-                      learning_rate=learning_rate, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps,
-                      gradient_checkpointing=gradient_checkpointing, early_stopping_patience=early_stopping_patience,
-                      eval_steps=eval_steps, max_length=max_length, output_dir=output_dir, resume=resume, seed=seed,
-                      report_to=report_to, overwrite=overwrite, balance=balance, **kwargs)
+    check_kwargs("finetune", TrainConfig, kwargs)
+    cfg = TrainConfig(method=method, **kwargs)
     if not isinstance(model, (str, os.PathLike)): raise ValueError(f"model: expected a name or a path, got {type(model).__name__}")
     if isinstance(task, str): task = load_task(task)
     if "train" not in task.splits or not task.splits["train"]:
@@ -747,42 +715,59 @@ def merge_and_save(src, # a LoRA/QLoRA `TrainResult` or its output_dir
     return out
 
 # %% ../nbs/05_training.ipynb #59285a21
-def main_train(argv:list[str]|None=None) -> int:
-    "`vrnx train`: fine-tune a model on a task from the command line."
+_PACKING = {"auto": None, "on": True, "off": False} # `vrnx train --packing` words -> `TrainConfig.packing`
+
+def _packing(word:str):
     import argparse
-    from vrnx_nb.tasks import load_task
+    if word not in _PACKING: raise argparse.ArgumentTypeError(f"expected one of {list(_PACKING)}, got {word!r}")
+    return _PACKING[word]
+
+def _train_parser():
+    "The options of `vrnx train`: those named after a `TrainConfig` field (`dest`) take its default."
+    import argparse
+    d = lambda name: default_of(TrainConfig, name)
     p = argparse.ArgumentParser(prog="vrnx train", description="Fine-tune a model on a task (full, LoRA, QLoRA, adapters).")
     p.add_argument("--model", default="smollm2-135m", help="model alias, folder or hub id")
     p.add_argument("--task", default="legal", help="bundled task: legal, medical, finance")
-    p.add_argument("--method", default="lora", choices=METHODS)
+    p.add_argument("--method", default="lora", choices=METHODS,
+                   help=f"default lora, not TrainConfig's {d('method')}: it needs no bitsandbytes")
     p.add_argument("--n-train", type=int, default=None, help="cap the train split")
-    p.add_argument("--r", type=int, default=16, help="LoRA rank / adapter width")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default per method)")
-    p.add_argument("--epochs", type=float, default=3)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--eval-steps", type=int, default=None)
-    p.add_argument("--max-length", type=int, default=None)
-    p.add_argument("--max-val", type=int, default=None, help="evaluate on at most this many val examples")
-    p.add_argument("--patience", type=int, default=3, help="early stopping patience (evaluations)")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--packing", choices=["auto", "on", "off"], default="auto",
-                   help="on: one padding-free row per batch; off: length-grouped padded rows; auto: by attention kernel")
-    p.add_argument("--output-dir", default=None)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-resume", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--report-to", default="none")
-    p.add_argument("--balance", choices=BALANCE_MODES, default=None, help="lift rare labels: oversample them or weight their loss")
-    a = p.parse_args(argv)
+    p.add_argument("--r", type=int, default=d("r"), help="LoRA rank / adapter width")
+    p.add_argument("--lr", type=float, dest="learning_rate", default=d("learning_rate"),
+                   help="learning rate (default per method)")
+    p.add_argument("--epochs", type=float, default=d("epochs"))
+    p.add_argument("--batch-size", type=int, default=d("batch_size"))
+    p.add_argument("--grad-accum", type=int, default=d("grad_accum"))
+    p.add_argument("--max-steps", type=int, default=d("max_steps"))
+    p.add_argument("--eval-steps", type=int, default=d("eval_steps"))
+    p.add_argument("--max-length", type=int, default=d("max_length"))
+    p.add_argument("--max-val", type=int, dest="max_val_examples", default=d("max_val_examples"),
+                   help="evaluate on at most this many val examples")
+    p.add_argument("--patience", type=int, dest="early_stopping_patience", default=d("early_stopping_patience"),
+                   help="early stopping patience (evaluations)")
+    p.add_argument("--lora-dropout", type=float, default=d("lora_dropout"), help="LoRA / adapter dropout")
+    p.add_argument("--gradient-checkpointing", action="store_true", default=d("gradient_checkpointing"))
+    p.add_argument("--packing", type=_packing, metavar="{auto,on,off}", default=d("packing"),
+                   help="on: one padding-free row per batch; off: length-grouped padded rows; auto (default): by the "
+                        "attention kernel")
+    p.add_argument("--output-dir", default=d("output_dir"))
+    p.add_argument("--overwrite", action="store_true", default=d("overwrite"))
+    p.add_argument("--no-resume", action="store_false", dest="resume", default=d("resume"),
+                   help="train again instead of resuming")
+    p.add_argument("--seed", type=int, default=d("seed"))
+    p.add_argument("--report-to", default=d("report_to"))
+    p.add_argument("--balance", choices=BALANCE_MODES, default=d("balance"),
+                   help="lift rare labels: oversample them or weight their loss")
+    return p
+
+def main_train(argv:list[str]|None=None) -> int:
+    "`vrnx train`: fine-tune a model on a task from the command line."
+    from vrnx_nb.tasks import load_task
+    a = _train_parser().parse_args(argv)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
     try:
         task = load_task(a.task, n_train=a.n_train, seed=a.seed)
-        res = finetune(a.model, task, method=a.method, r=a.r, learning_rate=a.lr, epochs=a.epochs, batch_size=a.batch_size,
-                       grad_accum=a.grad_accum, max_steps=a.max_steps, eval_steps=a.eval_steps, max_length=a.max_length,
-                       max_val_examples=a.max_val, early_stopping_patience=a.patience, gradient_checkpointing=a.gradient_checkpointing,
-                       packing={"auto": None, "on": True, "off": False}[a.packing], output_dir=a.output_dir, overwrite=a.overwrite, resume=not a.no_resume,
-                       seed=a.seed, report_to=a.report_to, balance=a.balance)
+        res = finetune(a.model, task, **{k: v for k, v in vars(a).items() if k in fields})
     except (ValueError, ImportError) as e:
         print(f"vrnx train: error: {e}", file=sys.stderr); return 2
     print(res)
