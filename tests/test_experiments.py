@@ -150,3 +150,15 @@ def test_torn_last_line_is_skipped_then_cut(tmp_path):
     with pytest.warns(UserWarning, match="removed a partial last line"): append_result(p, _row(score=0.25))
     assert list(read_results(p)["score"]) == [0.5, 0.25]
     assert p.read_text().endswith("\n") and p.read_text().count("\n") == 3
+
+
+def test_cli_augment_grid_lists_its_arms_and_reuses_the_balance_rows(tmp_path, capsys):
+    res = tmp_path/"r.csv"
+    from vrnx_nb.experiments import balance_grid
+    plain = [c for c in balance_grid("legal", sizes=(50,), max_steps=80, learning_rate=1e-3) if c.method == "lora" and not c.calibrate]
+    for c in plain: append_result(res, {k: "" for k in RESULT_COLUMNS} | c.__dict__ | {"key": c.key(), "label": c.label, "metric": "accuracy", "score": 0.9})
+    assert main_experiment(["augment", "--task", "legal", "--lr", "1e-3", "--augment-count", "40", "--dry-run", "--results", str(res)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [l.split()[1] for l in lines] == ["done", "done", "todo", "todo", "todo"]
+    assert "synthetic (adapted teacher)" in lines[3] and "steps<=160" in lines[4]
+    assert main_experiment(["augment", "--task", "medical", "--classifier-threshold", "0.5", "--results", str(res)]) == 2

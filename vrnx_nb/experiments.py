@@ -15,13 +15,13 @@ from .checks import Kind, validate, check_field, positive_int, positive_number, 
 from .checks import default_of
 
 # %% auto #0
-__all__ = ['TASK_BUDGETS', 'TOKENS_PER_S', 'EXAMPLES_PER_S', 'EXP_METHODS', 'AUGMENT_DEFAULT', 'R_RANGE', 'RESULT_COLUMNS',
-           'SYNTH_MAX_TOKENS', 'STATS', 'PAPER_CLAIMS', 'ExperimentConfig', 'format_metrics', 'parse_metrics',
-           'read_results', 'append_result', 'find_result', 'synthetic_path', 'synthetic_examples', 'default_cache',
-           'run_experiment', 'method_grid', 'scaling_grid', 'rank_grid', 'balance_grid', 'run_grid', 'paper_table',
-           'experiment_table', 'with_ci', 'majority_share', 'runs_table', 'majority_macro_f1', 'skew_table',
-           'plot_skew', 'plot_scaling', 'plot_ranks', 'Multiplier', 'effective_multiplier', 'peak_share',
-           'main_experiment']
+__all__ = ['TASK_BUDGETS', 'TOKENS_PER_S', 'EXAMPLES_PER_S', 'EXP_METHODS', 'AUGMENT_DEFAULT', 'R_RANGE', 'TEACHER_MODES',
+           'RESULT_COLUMNS', 'SYNTH_MAX_TOKENS', 'STATS', 'PAPER_CLAIMS', 'ExperimentConfig', 'format_metrics',
+           'parse_metrics', 'read_results', 'append_result', 'find_result', 'synthetic_path', 'synthetic_examples',
+           'default_cache', 'run_experiment', 'method_grid', 'scaling_grid', 'rank_grid', 'balance_grid', 'run_grid',
+           'augment_grid', 'paper_table', 'experiment_table', 'with_ci', 'majority_share', 'runs_table',
+           'majority_macro_f1', 'skew_table', 'plot_skew', 'augment_table', 'plot_scaling', 'plot_ranks', 'Multiplier',
+           'effective_multiplier', 'peak_share', 'main_experiment']
 
 # %% ../nbs/07_experiments.ipynb #525558da
 TASK_BUDGETS = {"legal":   dict(batch_size=8, max_steps=12, max_length=512, limit=None), # legal: all 500 test clauses
@@ -33,11 +33,12 @@ TOKENS_PER_S, EXAMPLES_PER_S = 76.0, {"legal": 1.0, "medical": 0.7, "finance": 0
 EXP_METHODS = ("zero-shot", "full", "lora", "qlora", "adapter")
 AUGMENT_DEFAULT = 32 # synthetic examples requested when augment=True (the local CPU teacher manages 1-3 replies a minute)
 R_RANGE = (1, 256) # allowed LoRA rank / adapter width
+TEACHER_MODES = ("label", "two_step", "json") # generation modes of a teacher in this process (`SyntheticPipeline.mode`)
 _TRAIN_FIELDS = ("r", "n_train", "augment", "epochs", "max_steps", "batch_size", "max_length", "learning_rate", "lora_dropout",
                  "max_val_examples")
 _KEY_OMITTED = {"lora_dropout": 0.05} # the value every row before this field had: left out of the key, so their keys hold
-_AUG_FIELDS = ("quality_threshold", "teacher")
-_OPTIONAL_FIELDS = ("balance", "calibrate", "fixed_steps") # left out of the key when off
+_AUG_FIELDS = ("quality_threshold", "teacher", "teacher_mode", "adapt_teacher", "classifier_threshold")
+_OPTIONAL_FIELDS = ("balance", "calibrate", "fixed_steps", "teacher_mode", "adapt_teacher", "classifier_threshold") # left out of the key when off
 _EVAL_FIELDS = ("limit", "eval_mode", "calibrate")
 
 @functools.lru_cache(maxsize=None)
@@ -67,7 +68,10 @@ class ExperimentConfig:
     limit: int|None = None # test examples scored; default from `TASK_BUDGETS`
     eval_mode: str|None = None # 'loglik' or 'generate'; default: loglik for classification
     quality_threshold: float = 0.85 # synthetic examples kept at or above this quality score
-    teacher: str = "smollm2-135m" # teacher model served locally for synthetic data
+    teacher: str = "smollm2-135m" # teacher model for synthetic data
+    teacher_mode: str|None = None # None: the teacher behind `transformers serve` in its default mode; else in this process: 'label', 'two_step' or 'json'
+    adapt_teacher: bool = False # LoRA-tune the teacher on the seeds first (`vrnx_nb.adapt.adapt_teacher`), in this process
+    classifier_threshold: float|None = None # keep synthetic examples a seed-trained classifier gives their label with this probability (LAMBADA)
     balance: str|None = None # 'oversample' or 'weight': lift rare labels in training (classification)
     calibrate: bool = False # decide by per-label offsets fitted on validation (classification, label log-likelihood)
     fixed_steps: bool = False # train exactly `max_steps` steps: no early stopping, keep the last step
@@ -89,7 +93,8 @@ class ExperimentConfig:
         check_field(_EC, "augment", self.augment, Kind("True/False or a number of synthetic examples >= 0", int_at_least(0)))
         if self.method == "zero-shot" and self.augment: raise ValueError("ExperimentConfig.augment: zero-shot does not train, so it cannot use synthetic data")
         validate(self, {"epochs": positive_number, "learning_rate": positive_number | None, "lora_dropout": number_in(0, 1),
-                        "quality_threshold": number_in(0, 1, closed="both"),
+                        "quality_threshold": number_in(0, 1, closed="both"), "teacher_mode": one_of(TEACHER_MODES) | None,
+                        "classifier_threshold": number_in(0, 1, closed="right") | None,
                         "balance": one_of(("oversample", "weight")) | None})
         for k, v in TASK_BUDGETS[self.task].items():
             if getattr(self, k) is None: setattr(self, k, v)
@@ -101,6 +106,8 @@ class ExperimentConfig:
             raise ValueError(f"ExperimentConfig: balance and calibrate need a classification task; {self.task!r} is {kind}")
         if self.calibrate and self.eval_mode != "loglik": raise ValueError("ExperimentConfig.calibrate: needs eval_mode='loglik'")
         if self.method == "zero-shot" and self.balance: raise ValueError("ExperimentConfig.balance: zero-shot does not train")
+        if self.classifier_threshold is not None and kind != "classification":
+            raise ValueError(f"ExperimentConfig.classifier_threshold: needs a classification task; {self.task!r} is {kind}")
         self.r, self.n_train, self.augment, self.seed = int(self.r), int(self.n_train), int(self.augment), int(self.seed)
         self.epochs = float(self.epochs)
 
@@ -124,7 +131,8 @@ class ExperimentConfig:
     @property
     def label(self) -> str:
         "Row name in tables: the method, '+ synthetic' when augmented."
-        return (self.method + (" + synthetic" if self.augment else "") + (f" + {self.balance}" if self.balance else "")
+        syn = " + synthetic" + (" (adapted teacher)" if self.adapt_teacher else f" ({self.teacher_mode})" if self.teacher_mode else "")
+        return (self.method + (syn if self.augment else "") + (f" + {self.balance}" if self.balance else "")
                 + (" + calibrated" if self.calibrate else ""))
 
 # %% ../nbs/07_experiments.ipynb #ae82c0c1
@@ -234,7 +242,8 @@ def _synth_key(cfg:ExperimentConfig) -> dict:
     p = SyntheticPipeline()
     return {"task": cfg.task, "n_train": cfg.n_train, "seed": cfg.seed, "target_count": cfg.augment, "teacher": cfg.teacher,
             "quality_threshold": cfg.quality_threshold, "diversity_weight": p.diversity_weight, "near_dup_threshold": p.near_dup_threshold,
-            "max_redundancy": p.max_redundancy, "max_tokens": SYNTH_MAX_TOKENS}
+            "max_redundancy": p.max_redundancy, "max_tokens": SYNTH_MAX_TOKENS,
+            **{k: getattr(cfg, k) for k in ("teacher_mode", "adapt_teacher", "classifier_threshold") if getattr(cfg, k) not in (None, False)}}
 
 def synthetic_path(cfg:ExperimentConfig, # an augmented config
                    cache:str|Path, # experiment cache folder
@@ -247,6 +256,18 @@ def _atomic_write(path:Path, text:str):
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f: f.write(text); f.flush(); os.fsync(f.fileno())
     os.replace(tmp, path)
+
+def _teacher(cfg:ExperimentConfig, task, cache):
+    "The teacher in this process: the base model, or the one adapted to the seeds (cached under `<cache>/adapted`)."
+    if not cfg.adapt_teacher: return cfg.teacher
+    from vrnx_nb.adapt import adapt_teacher
+    return adapt_teacher(task.train, task, model=cfg.teacher, cache_root=Path(cache)/"adapted")
+
+def _classifier_kept(cfg:ExperimentConfig, task, kept:list, cache) -> list:
+    "LAMBADA's filter: the kept examples a classifier trained on the seeds alone gives their label with enough probability."
+    from vrnx_nb.adapt import train_seed_classifier, SeedClassifier, classifier_filter
+    clf = SeedClassifier(train_seed_classifier(task.train, task, model=cfg.model, cache_root=Path(cache)/"adapted"))
+    return classifier_filter(kept, clf, task, threshold=cfg.classifier_threshold).kept
 
 def synthetic_examples(cfg:ExperimentConfig, # an augmented config
                        task, # the task capped to cfg.n_train (its train split are the seeds)
@@ -273,10 +294,14 @@ def synthetic_examples(cfg:ExperimentConfig, # an augmented config
         syn = pipe.generate(task.train, cfg.augment, task=task)
         return syn, (pipe.filter(syn) if syn else [])
     if teacher_fn is not None: syn, kept = run(SyntheticPipeline(teacher_model=cfg.teacher, teacher=teacher_fn, **common))
+    elif cfg.teacher_mode or cfg.adapt_teacher: syn, kept = run(SyntheticPipeline(teacher_model=_teacher(cfg, task, cache), mode=cfg.teacher_mode, **common))
     else:
         with local_teacher(cfg.teacher) as ep: syn, kept = run(ep.pipeline(**common))
+    n_pipeline = len(kept)
+    if cfg.classifier_threshold and kept: kept = _classifier_kept(cfg, task, kept, cache)
     _atomic_write(path, "".join(json.dumps(asdict(e), ensure_ascii=False, default=str) + "\n" for e in kept))
-    meta = {"requested": cfg.augment, "generated": len(syn), "kept": len(kept), "seconds": round(time.time() - t0, 1), **_synth_key(cfg)}
+    meta = {"requested": cfg.augment, "generated": len(syn), "kept_by_pipeline": n_pipeline, "kept": len(kept),
+            "seconds": round(time.time() - t0, 1), **_synth_key(cfg)}
     _atomic_write(meta_path, json.dumps(meta, indent=1))
     return kept, meta | {"cached": False}
 
@@ -428,6 +453,30 @@ def run_grid(configs:list, # `ExperimentConfig`s
             print(f"run {cfg.key()} ({cfg.task} {cfg.label} r={cfg.r} n={cfg.n_train}) failed: {rec['error'][:200]} (logged to {errors_log})", file=sys.stderr)
     if n_err: print(f"{n_err} of {len(configs)} runs failed; see {errors_log}", file=sys.stderr)
     return pd.DataFrame(rows)
+
+# %% ../nbs/07_experiments.ipynb #f6529938
+def augment_grid(task:str="legal", # the task
+                 n_train:int=50, # seed examples
+                 n_synthetic:int=100, # synthetic examples requested from each teacher
+                 method:str="lora", # training method
+                 r:int=ExperimentConfig.r, # LoRA rank
+                 max_steps:int=80, # optimizer steps of every arm but the longer baseline
+                 longer:int=2, # the longer-trained baseline trains `longer` x `max_steps` steps
+                 seeds=(0,), # one run per seed
+                 **kw, # more `ExperimentConfig` fields (learning_rate, classifier_threshold, ...)
+                ) -> list:
+    "Configs for the effect of synthetic data at one seed size, every arm the same number of steps, plus a longer baseline."
+    mode = "label" if _task_kind(task) == "classification" else "two_step"
+    out = []
+    for s in seeds:
+        base = dict(method=method, r=r, n_train=n_train, seed=s, max_steps=max_steps, epochs=1000.0, fixed_steps=True) | kw
+        syn = {k: v for k, v in base.items() if k != "classifier_threshold"}
+        out.append(ExperimentConfig(task, **syn))
+        if mode == "label": out.append(ExperimentConfig(task, balance="oversample", **syn))
+        out += [ExperimentConfig(task, augment=n_synthetic, teacher_mode=mode, **base),
+                ExperimentConfig(task, augment=n_synthetic, teacher_mode=mode, adapt_teacher=True, **base),
+                ExperimentConfig(task, **(syn | {"max_steps": max_steps*longer}))]
+    return out
 
 # %% ../nbs/07_experiments.ipynb #244965ad
 PAPER_CLAIMS = {"qlora_share_of_full": 95.0, "qlora_synthetic_share_of_full": 98.5, "augmented_share_of_peak_at_50": 85.0,
@@ -591,6 +640,30 @@ def plot_skew(results, # results CSV path or DataFrame
     if path is not None: fig.savefig(path, dpi=150); plt.close(fig)
     return fig
 
+# %% ../nbs/07_experiments.ipynb #7213f22e
+def augment_table(results, # results CSV path or DataFrame
+                  task:str="legal", # the task
+                  n_train:int=50, # seed examples
+                  metric:str|None=None, # default: macro_f1 for classification, else the main metric
+                  learning_rate:float|None=None, # runs at this learning rate only
+                 ) -> "pd.DataFrame":
+    "The arms of `augment_grid` at one seed size: steps, synthetic examples kept, `metric` with its 95% CI."
+    import pandas as pd
+    df = _load(results).query("task == @task and n_train == @n_train and method != 'zero-shot'")
+    df = df[df["fixed_steps"].astype(str).isin(["True", "true", "1", "1.0"]) & ~df["label"].str.endswith("calibrated")]
+    if learning_rate is not None: df = df[np.isclose(df["learning_rate"].astype(float), learning_rate)]
+    if df.empty: raise ValueError(f"augment_table: no fixed-step runs for task {task!r} at n_train={n_train}")
+    metric = metric or ("macro_f1" if _task_kind(task) == "classification" else df["metric"].iloc[0])
+    def value(row):
+        if row["metric"] == metric: return row["score"], row["ci_low"], row["ci_high"]
+        return parse_metrics(row["other_metrics"]).get(metric, (np.nan, np.nan, np.nan))
+    vals = np.array([value(r) for _, r in df.iterrows()], dtype=float).reshape(-1, 3)
+    out = pd.DataFrame({"arm": df["label"].to_numpy(), "steps": df["train_steps"].astype(int).to_numpy(),
+                        "synthetic kept": df["synthetic_kept"].astype(int).to_numpy(), metric: vals[:, 0],
+                        "95% CI": [f"[{lo:.3f}, {hi:.3f}]" for lo, hi in vals[:, 1:]], "train_s": df["train_s"].to_numpy()})
+    out.attrs["values"] = vals
+    return out.sort_values("steps", kind="stable").reset_index(drop=True)  # the grid's order within a budget
+
 # %% ../nbs/07_experiments.ipynb #e02daf52
 def _curve(df, x:str, hue:str) -> "pd.DataFrame":
     return df.groupby(["task", "metric", hue, x], as_index=False)[["score", "ci_low", "ci_high"]].mean().sort_values(x)
@@ -728,6 +801,10 @@ def _grid_from_args(a) -> list:
     if a.grid == "balance":
         kw = {k: v for k, v in kw.items() if k != "epochs"}
         return [c for t in a.task for c in balance_grid(t, seeds=a.seeds, **sizes, **_given(a, "method", "r"), **kw)]
+    if a.grid == "augment":
+        kw = {k: v for k, v in kw.items() if k != "epochs"} | _given(a, "classifier_threshold")
+        n_syn = {"n_synthetic": a.augment_count} if a.augment_count is not None else {}
+        return [c for t in a.task for c in augment_grid(t, seeds=a.seeds, **n_syn, **_given(a, "n_train", "method", "r"), **kw)]
     n_train = {"n_train": tuple(a.sizes)} if a.sizes else _given(a, "n_train")
     return [c for t in a.task for c in rank_grid(t, seeds=a.seeds, **n_train, **_given(a, "ranks", "method"), **kw)]
 
@@ -737,7 +814,7 @@ def _experiment_parser():
     g = lambda f, name: inspect.signature(f).parameters[name].default  # a grid function's own default
     words = lambda xs: " ".join(map(str, xs))
     p = argparse.ArgumentParser(prog="vrnx experiment", description=main_experiment.__doc__)
-    p.add_argument("grid", choices=["methods", "scaling", "ranks", "balance", "table", "plot"], help="which grid to run, or what to show")
+    p.add_argument("grid", choices=["methods", "scaling", "ranks", "balance", "augment", "table", "plot"], help="which grid to run, or what to show")
     p.add_argument("--task", nargs="+", default=None, help="tasks (default: all three for methods, legal otherwise)")
     p.add_argument("--results", default="experiments/results.csv", help="results CSV (default %(default)s)")
     p.add_argument("--cache", default=None, help="training outputs and synthetic data (default $VRNX_EXPERIMENTS_CACHE or ~/.cache/vrnx_nb/experiments)")
@@ -750,7 +827,8 @@ def _experiment_parser():
     p.add_argument("--method", default=None, help=f"method of the scaling (default {g(scaling_grid, 'method')}), ranks "
                    f"and balance (default {g(rank_grid, 'method')}) grids")
     p.add_argument("--n-train", type=int, default=None,
-                   help=f"real training examples (methods: {g(method_grid, 'n_train')}, ranks: {g(rank_grid, 'n_train')})")
+                   help=f"real training examples (methods: {g(method_grid, 'n_train')}, ranks: {g(rank_grid, 'n_train')}, "
+                   f"augment: {g(augment_grid, 'n_train')})")
     p.add_argument("--sizes", type=int, nargs="+", default=None,
                    help=f"data sizes of the scaling grid (default {words(g(scaling_grid, 'sizes'))}), the balance grid "
                         "or the rank grid")
@@ -771,7 +849,10 @@ def _experiment_parser():
                    help="truncate training examples to this many tokens (default per task)")
     p.add_argument("--limit", type=int, default=None, help="test examples scored (default " +
                    ", ".join(f"{t} {b['limit'] or 'all'}" for t, b in TASK_BUDGETS.items()) + ")")
-    p.add_argument("--augment-count", type=int, default=None, help=f"synthetic examples requested by augmented runs (default {AUGMENT_DEFAULT})")
+    p.add_argument("--augment-count", type=int, default=None, help=f"synthetic examples requested by augmented runs (default {AUGMENT_DEFAULT}; "
+                   f"{g(augment_grid, 'n_synthetic')} a teacher in the augment grid)")
+    p.add_argument("--classifier-threshold", type=float, default=None,
+                   help="augment grid: keep synthetic examples a seed-trained classifier gives their label with this probability")
     p.add_argument("--no-augment", action="store_true", help="scaling grid without the augmented curve")
     p.add_argument("--quality-threshold", type=float, default=None,
                    help=f"keep synthetic examples scoring at least this (default {d('quality_threshold')})")
