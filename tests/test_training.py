@@ -254,3 +254,98 @@ def test_balance_bad_input():
         TrainConfig(balance="smote")
     with pytest.raises(ValueError, match=r"TrainConfig\.balance_power: expected a number in \(0, 1\], got 2"):
         TrainConfig(balance="weight", balance_power=2)
+
+# --- memory before the first step, middle truncation ---
+
+from transformers import TrainerCallback
+from vrnx_nb.tasks import make_task
+from vrnx_nb.memory import estimate_memory
+from vrnx_nb.training import MemoryBudgetError, CUT_MARK
+
+def _long_task(n:int=12, words:int=130):
+    "A QA task whose inputs are a long 'table' with the question at the end (TAT-QA's layout)."
+    rows = [{"input": "Table:\n" + " | ".join(f"row {i} {j} {j*7 % 13}" for j in range(words)) + f"\n\nQuestion: what is item {i}?",
+             "target": f"answer {i}", "id": f"q{i}"} for i in range(n)]
+    return make_task("longqa", rows, "qa", "Answer the question from the table.", val_size=2, test_size=0, id_field="id")
+
+class _Seen(TrainerCallback):
+    "Record the batch settings the Trainer really ran with."
+    def on_train_begin(self, args, state, control, **kw):
+        self.batch, self.accum, self.ckpt = args.per_device_train_batch_size, args.gradient_accumulation_steps, args.activation_checkpointing
+
+def _need(tok, task, b, ckpt=False):
+    "Estimated peak of b of the task's longest examples in padded rows (each fills a row of its own), float32 on the CPU."
+    rows, _ = tokenize_split(task, "train", tok, 2048)
+    top = sorted(rows, key=lambda r: -len(r["input_ids"]))[:b]
+    answers = sorted((sum(l != -100 for l in r["labels"]) for r in rows), reverse=True)[:b]
+    return estimate_memory(tiny_model()[0].config, "lora", r=4, batch_size=b, seq_len=len(top[0]["input_ids"]), dtype="float32",
+                           device="cpu", gradient_checkpointing=ckpt, loss_tokens=sum(answers)).total
+
+def test_memory_budget_adapts_batch_and_keeps_the_run_folder(tiny, tmp_path):
+    _, tok = tiny
+    task = _long_task()
+    longest = max(len(r["input_ids"]) for r in tokenize_split(task, "train", tok)[0])
+    assert 1000 < longest < 2048, longest  # long, and under the tiny model's context: nothing is cut
+    budget = (_need(tok, task, 4) + _need(tok, task, 8))/2
+    seen = _Seen()
+    with pytest.warns(UserWarning, match=r"8 examples of up to .* over the .* budget \(memory_limit_gb\); training with "
+                                         r"batch_size=4, grad_accum=2 \(still 8 examples per step\)"):
+        res = finetune("tiny", task, method="lora", r=4, batch_size=8, max_steps=1, max_val_examples=2, memory_limit_gb=budget,
+                       callbacks=[seen], output_dir=tmp_path/"run", device="cpu")
+    assert (seen.batch, seen.accum, seen.ckpt) == (4, 2, False)
+    assert res.memory_plan["batch_size"] == 4 and res.memory_plan["grad_accum"] == 2
+    assert res.memory_plan["estimate_gb"] <= budget < res.memory_plan["requested_gb"]
+    assert res.config["batch_size"] == 8  # the user's config, and the run's hash, are unchanged
+    run = json.loads((tmp_path/"run"/RUN_FILE).read_text())
+    assert run["config"]["batch_size"] == 8 and run["memory_plan"]["batch_size"] == 4
+    assert run["hash"] == TrainConfig(method="lora", r=4, batch_size=8, max_steps=1, max_val_examples=2).fingerprint(
+        model="tiny", task=run["task"])
+    with warnings.catch_warnings():  # a budget the batch fits in: nothing changes, nothing is said
+        warnings.simplefilter("error")
+        res2 = finetune("tiny", task, method="lora", r=4, batch_size=8, max_steps=1, max_val_examples=2, memory_limit_gb=100.0,
+                        output_dir=tmp_path/"fits", device="cpu")
+    assert res2.memory_plan["batch_size"] == 8 and res2.memory_plan["changed"] == ""
+
+def test_memory_budget_too_small_stops_with_the_numbers_and_the_fix(tiny, tmp_path):
+    _, tok = tiny
+    task = _long_task()
+    longest = max(len(r["input_ids"]) for r in tokenize_split(task, "train", tok)[0])
+    tight = _need(tok, task, 1, ckpt=True) - 0.002  # not even one checkpointed example fits
+    with pytest.raises(MemoryBudgetError) as e:
+        finetune("tiny", task, method="lora", r=4, batch_size=8, max_steps=1, memory_limit_gb=tight, output_dir=tmp_path/"a", device="cpu")
+    msg = str(e.value)
+    assert isinstance(e.value, MemoryError) and isinstance(e.value, ValueError)
+    assert f"8 examples of up to {longest:,} tokens" in msg and f"over the {tight:.2f} GB budget (memory_limit_gb)" in msg
+    assert f"needs about {_need(tok, task, 8):.2f} GB (estimated)" in msg
+    assert "even batch_size=1 with gradient_checkpointing=True needs about" in msg
+    cap = int(msg.split("max_length=")[1].split(" ")[0])
+    assert 16 <= cap < longest
+    with pytest.raises(MemoryBudgetError, match=r"batch_size=4, grad_accum=2 fits \(about .* GB\): pass it, or adapt_memory=True"):
+        finetune("tiny", task, method="lora", r=4, batch_size=8, max_steps=1, memory_limit_gb=(_need(tok, task, 4) + _need(tok, task, 8))/2,
+                 adapt_memory=False, output_dir=tmp_path/"b", device="cpu")
+    with pytest.raises(ValueError, match=r"TrainConfig\.memory_limit_gb: expected a positive number or None, got 0"): TrainConfig(memory_limit_gb=0)
+    with pytest.raises(ValueError, match=r"TrainConfig\.adapt_memory: expected True or False, got 'no'"): TrainConfig(adapt_memory="no")
+
+def test_truncation_cuts_the_middle_and_keeps_question_and_answer(tiny, tmp_path):
+    _, tok = tiny
+    task = _long_task(n=6, words=300)
+    ex = task.train[0]
+    full = tokenize_example(task, ex, tok)
+    cap = len(full["input_ids"]) // 2
+    cut = tokenize_example(task, ex, tok, max_length=cap)
+    text = tok.decode(cut["input_ids"])
+    assert len(cut["input_ids"]) == cap and cut["truncated"] and cut["input_cut"] > 0
+    assert cut["input_tokens"] == len(tok(ex.input, add_special_tokens=False)["input_ids"])
+    question = ex.input[ex.input.rindex("Question:"):]
+    assert question in text and text.endswith("<|im_start|>assistant\n" + ex.target + "<|im_end|>\n")  # the end of the input, the answer
+    assert "Table:\nrow" in text and task.instruction in text and CUT_MARK.strip() in text  # its start, the instruction, the mark
+    assert tok.decode([t for t, l in zip(cut["input_ids"], cut["labels"]) if l != -100]) == ex.target + "<|im_end|>\n"
+    cuts = []
+    rows, n_cut = tokenize_split(task, "train", tok, max_length=cap, cuts=cuts)
+    assert n_cut == len(cuts) == sum(len(tokenize_example(task, e, tok)["input_ids"]) > cap for e in task.train)
+    i, id_, n, of = max(cuts, key=lambda c: c[2])
+    assert id_ == task.train[i].id and n == tokenize_example(task, task.train[i], tok, cap)["input_cut"]
+    with pytest.warns(UserWarning, match=rf"{n_cut} of {len(rows)} training examples are longer than max_length={cap} tokens and were "
+                                         rf"truncated: {n_cut} lost the middle of their input .*; the largest cut: example {i} "
+                                         rf"\(id {id_}\): {n:,} of {of:,} input tokens cut from the middle"):
+        finetune("tiny", task, method="lora", r=4, max_length=cap, max_steps=1, max_val_examples=2, output_dir=tmp_path, device="cpu")

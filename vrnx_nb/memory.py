@@ -12,9 +12,9 @@ from pathlib import Path
 from .checks import check_field, field_error, missing_fields, positive_int, number_at_least, one_of
 
 # %% auto #0
-__all__ = ['GB', 'CONFIG_DIR', 'REQUIRED_FIELDS', 'METHODS', 'CPU_BASELINE_GB', 'PAPER_TABLE_2_1', 'available_models',
-           'load_config', 'ParamCounts', 'count_params', 'MemoryEstimate', 'trainable_params', 'estimate_memory',
-           'saved_activation_elems', 'memory_table', 'plot_memory']
+__all__ = ['GB', 'CONFIG_DIR', 'REQUIRED_FIELDS', 'METHODS', 'ATTENTION', 'CPU_BASELINE_GB', 'PAPER_TABLE_2_1',
+           'available_models', 'load_config', 'ParamCounts', 'count_params', 'MemoryEstimate', 'trainable_params',
+           'attention_bytes', 'estimate_memory', 'saved_activation_elems', 'memory_table', 'plot_memory']
 
 # %% ../nbs/02_memory.ipynb #e811a2b8
 GB = 1e9  # decimal gigabytes, as GPU sizes and the paper quote them
@@ -201,6 +201,22 @@ def _activation_elems(pc:ParamCounts, method:str, r:int, n_targets:int) -> int:
     if method in ("lora", "qlora"): return 6*h + 4*i + 2*kv + a + r*n_targets
     return 6*h + 3*i + 2*kv + 4*r
 
+ATTENTION = ("sdpa", "flash", "eager")
+
+def attention_bytes(pc:ParamCounts, # the model's counts
+                    rows:int, seq_len:int, # the batch: `rows` rows of `seq_len` tokens
+                    e:int=2, # bytes per activation element
+                    packed:bool=False, # rows pack several examples: a (seq x seq) mask per row
+                    attention:str="sdpa", # 'sdpa', 'flash' (varlen) or 'eager'
+                    gradient_checkpointing:bool=False, # only one block's tensors are alive at a time
+                   ) -> float:
+    "Bytes of the `seq_len**2` attention terms: a packed row's mask under SDPA, the score matrices of eager attention."
+    if attention == "flash": return 0.0
+    sq, blocks = rows*seq_len**2, 1 if gradient_checkpointing else pc.n_layers
+    mask = sq*(1 + 4*blocks) if packed else 0  # the boolean mask once, and the float mask each block's SDPA call saves
+    scores = pc.heads*sq*(4 + e)*blocks if attention == "eager" else 0  # fp32 softmax and its cast, saved per block
+    return float(mask + scores + (sq if attention == "eager" and not packed else 0))
+
 CPU_BASELINE_GB = 0.45  # RSS of python + torch + transformers + peft after import, measured on this machine
 
 def estimate_memory(model="smollm2-135m", # model name/path/config (see `load_config`)
@@ -215,6 +231,9 @@ def estimate_memory(model="smollm2-135m", # model name/path/config (see `load_co
                     target_modules=None, # LoRA targets; default every Linear in the blocks
                     double_quant:bool=True, # qlora: quantize the quantization constants too
                     overhead_gb:float|None=None, # runtime outside tensors; default 1 GB on a GPU, CPU_BASELINE_GB on the CPU
+                    packed:bool=False, # each row packs several examples (per-example positions): SDPA then needs a mask
+                    attention:str="sdpa", # 'sdpa' (memory-efficient kernels), 'flash' (varlen: no mask) or 'eager'
+                    loss_tokens:int|None=None, # positions projected onto the vocabulary; default every token
                    ) -> MemoryEstimate:
     "Estimated peak memory of fine-tuning `model` with `method`, from its config alone."
     o = "estimate_memory"
@@ -223,6 +242,8 @@ def estimate_memory(model="smollm2-135m", # model name/path/config (see `load_co
     check_field(o, "optimizer", optimizer, one_of(sorted(_OPT_BYTES)))
     check_field(o, "device", device, one_of(("cuda", "cpu", "mps")))
     check_field(o, "overhead_gb", overhead_gb, number_at_least(0), none_ok=True)
+    check_field(o, "attention", attention, one_of(ATTENTION))
+    check_field(o, "loss_tokens", loss_tokens, positive_int, none_ok=True)
     pc, e = count_params(model), _DTYPE_BYTES[_dtype_name(dtype)]
     name = model if isinstance(model, str) else getattr(model, "_name_or_path", None) or type(model).__name__
     n_train = trainable_params(pc, method, r, target_modules)
@@ -239,13 +260,14 @@ def estimate_memory(model="smollm2-135m", # model name/path/config (see `load_co
     per_block = _activation_elems(pc, method, r, n_targets)
     tokens = batch_size*seq_len
     blocks = (pc.n_layers*pc.hidden + per_block if gradient_checkpointing else pc.n_layers*per_block)*tokens*e
-    loss = 16*tokens*pc.vocab + 3*pc.hidden*tokens*e
-    acts = blocks + loss
+    loss = 16*(loss_tokens or tokens)*pc.vocab + 3*pc.hidden*tokens*e
+    acts = blocks + loss + attention_bytes(pc, batch_size, seq_len, e, packed, attention, gradient_checkpointing)
     if method == "full":  # block gradients appear in backward as block activations are freed: only the excess adds to the peak
         grads = max((pc.embedding + pc.lm_head)*e, grads - acts)
     overhead = overhead_gb*GB if overhead_gb is not None else (CPU_BASELINE_GB*GB if device == "cpu" else 1.0*GB)
     assumptions = dict(batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing, optimizer=optimizer,
-                       dtype=_dtype_name(dtype), device=device, r=r, double_quant=double_quant, attention="SDPA (no seq^2 term)")
+                       dtype=_dtype_name(dtype), device=device, r=r, double_quant=double_quant, attention=attention,
+                       packed=packed, loss_tokens=loss_tokens or tokens)
     return MemoryEstimate(name, method, weights/GB, trainable/GB, grads/GB, opt/GB, acts/GB, overhead/GB,
                           n_train, pc.total, assumptions)
 

@@ -12,24 +12,26 @@ from pathlib import Path
 import torch
 from torch import nn
 from .models import quiet_libraries
-from .checks import validate, positive_int, positive_number, number_in, one_of
+from .checks import validate, positive_int, positive_number, number_in, one_of, Kind
 from .checks import default_of, config_kwargs, check_kwargs
 quiet_libraries()  # before transformers and peft are imported
 
 # %% auto #0
-__all__ = ['METHODS', 'BALANCE_MODES', 'DEFAULT_LR', 'ONE_ROW', 'LOG_FIELDS', 'RUN_FILE', 'RUN_TASK_FILE', 'TrainConfig',
-           'tokenize_example', 'tokenize_split', 'pack_rows', 'PackedCollator', 'PaddedCollator', 'shared_prefix_len',
-           'SharedPrefixCollator', 'forward_batch', 'per_example_loss', 'varlen_attention', 'train_collator',
-           'label_balance_weights', 'balanced_sampler', 'completion_positions', 'completion_loss', 'CSVLogCallback',
-           'QuietProgressCallback', 'TrainResult', 'bnb_config', 'build_model', 'VrnxTrainer', 'save_run_task',
-           'load_run_task', 'finetune', 'load_trained', 'merge_and_save', 'main_train', 'ADAPTER_CONFIG_NAME',
-           'ADAPTER_WEIGHTS_NAME', 'ADAPTER_TARGETS', 'BottleneckConfig', 'BottleneckLayer', 'BottleneckModel']
+__all__ = ['METHODS', 'BALANCE_MODES', 'DEFAULT_LR', 'CUT_MARK', 'ONE_ROW', 'LOG_FIELDS', 'RUN_FILE', 'RUN_TASK_FILE',
+           'MEMORY_HEADROOM', 'TrainConfig', 'tokenize_example', 'tokenize_split', 'cut_note', 'pack_rows',
+           'PackedCollator', 'PaddedCollator', 'shared_prefix_len', 'SharedPrefixCollator', 'forward_batch',
+           'per_example_loss', 'varlen_attention', 'train_collator', 'label_balance_weights', 'balanced_sampler',
+           'completion_positions', 'completion_loss', 'CSVLogCallback', 'QuietProgressCallback', 'TrainResult',
+           'bnb_config', 'build_model', 'VrnxTrainer', 'save_run_task', 'load_run_task', 'MemoryBudgetError',
+           'MemoryPlan', 'free_memory_gb', 'batch_layout', 'worst_batch', 'plan_memory', 'finetune', 'load_trained',
+           'merge_and_save', 'main_train', 'ADAPTER_CONFIG_NAME', 'ADAPTER_WEIGHTS_NAME', 'ADAPTER_TARGETS',
+           'BottleneckConfig', 'BottleneckLayer', 'BottleneckModel']
 
 # %% ../nbs/05_training.ipynb #fc51ac43
 METHODS = ("full", "lora", "qlora", "adapter")
 BALANCE_MODES = ("oversample", "weight")
 DEFAULT_LR = {"full": 5e-5, "lora": 2e-4, "qlora": 2e-4, "adapter": 5e-4}
-_RUN_FIELDS = ("output_dir", "resume", "overwrite", "report_to", "keep_checkpoints") # do not change what is trained
+_RUN_FIELDS = ("output_dir", "resume", "overwrite", "report_to", "keep_checkpoints", "memory_limit_gb", "adapt_memory") # do not change what is trained
 
 @dataclass
 class TrainConfig:
@@ -62,6 +64,8 @@ class TrainConfig:
     keep_checkpoints: bool = False # keep `checkpoint-*` folders after a finished run
     balance: str|None = None # None, 'oversample' (sampler draws rare labels more) or 'weight' (per-label loss weights)
     balance_power: float = 0.5 # label weight = count**-power, mean 1: 0.5 square-root balancing, 1 every label equal
+    memory_limit_gb: float|None = None # memory the run may use (decimal GB); None: 90% of what is free before the first step
+    adapt_memory: bool = True # over the limit: smaller batches (+ grad_accum), then checkpointing; False: stop with the fix
 
     def __post_init__(self):
         validate(self, {"method": one_of(METHODS), "r": positive_int, "batch_size": positive_int, "grad_accum": positive_int,
@@ -69,7 +73,8 @@ class TrainConfig:
                                                              "lora_alpha", "early_stopping_patience")},
                         "lora_dropout": number_in(0, 1), "learning_rate": positive_number | None, "epochs": positive_number,
                         "warmup_ratio": number_in(0, 1), "balance": one_of(BALANCE_MODES) | None,
-                        "balance_power": number_in(0, 1, closed="right")})
+                        "balance_power": number_in(0, 1, closed="right"), "memory_limit_gb": positive_number | None,
+                        "adapt_memory": Kind("True or False", lambda v: isinstance(v, bool))})
         if self.method in ("lora", "qlora") and not 4 <= self.r <= 128:
             warnings.warn(f"r={self.r} is outside the usual LoRA range 4..128")
         if self.lora_alpha is None: self.lora_alpha = 2*self.r
@@ -86,33 +91,53 @@ from .bottleneck import (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, ADAPTER_TARG
 _all_ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "ADAPTER_TARGETS", "BottleneckConfig", "BottleneckLayer", "BottleneckModel"]
 
 # %% ../nbs/05_training.ipynb #01bc6d6e
+CUT_MARK = " ... " # stands between the kept start and end of an input cut in the middle
+
+def _ids(tokenizer, text:str) -> list[int]: return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
 def tokenize_example(task, # the `Task` (instruction, template)
                      ex, # the `Example`
                      tokenizer, # a tokenizer with a chat template
                      max_length:int|None=None, # cut longer examples to this many tokens
                     ) -> dict:
-    "`input_ids` and `labels` (-100 on the prompt) of one example, and whether it was truncated."
+    "`input_ids`, `labels` (-100 on the prompt) of one example; an over-long input loses its middle (`input_cut` tokens)."
     from vrnx_nb.tasks import render_pair
     pair = render_pair(task, ex, tokenizer)
-    p = tokenizer(pair["prompt"], add_special_tokens=False)["input_ids"]
-    c = tokenizer(pair["completion"], add_special_tokens=False)["input_ids"]
-    truncated = bool(max_length) and len(p) + len(c) > max_length
+    p, c = _ids(tokenizer, pair["prompt"]), _ids(tokenizer, pair["completion"])
+    truncated, cut, n_input = bool(max_length) and len(p) + len(c) > max_length, 0, None
     if truncated:
         c = c[:max(1, max_length//2)] if len(c) > max_length//2 else c
-        end = pair["prompt"].rfind(ex.input)
-        suffix = pair["prompt"][end+len(ex.input):] if end >= 0 and ex.input else ""
-        tail = min(len(tokenizer(suffix, add_special_tokens=False)["input_ids"]) if suffix else 8, len(p))
-        room = max_length - len(c)
-        tail = min(tail, room)
-        p = p[:room-tail] + (p[len(p)-tail:] if tail else [])
-    return {"input_ids": p + c, "labels": [-100]*len(p) + c, "truncated": truncated}
+        at = pair["prompt"].rfind(ex.input) if ex.input else -1
+        if len(p) + len(c) > max_length and at >= 0:  # keep the start and the end of the input (a question sits there)
+            head, body = _ids(tokenizer, pair["prompt"][:at]), _ids(tokenizer, ex.input)
+            tail, mark = _ids(tokenizer, pair["prompt"][at+len(ex.input):]), _ids(tokenizer, CUT_MARK)
+            keep, n_input = max_length - len(c) - len(head) - len(tail) - len(mark), len(body)
+            if keep >= 2:
+                p, cut = head + body[:keep//2] + mark + body[len(body) - (keep - keep//2):] + tail, len(body) - keep
+        if len(p) + len(c) > max_length:  # the template alone is too long: keep its head and tail
+            tail = min(len(_ids(tokenizer, pair["prompt"][at+len(ex.input):])) if at >= 0 and ex.input else 8, len(p))
+            room = max_length - len(c); tail = min(tail, room)
+            p = p[:room-tail] + (p[len(p)-tail:] if tail else [])
+    return {"input_ids": p + c, "labels": [-100]*len(p) + c, "truncated": truncated, "input_cut": cut, "input_tokens": n_input}
 
-def tokenize_split(task, split:str, tokenizer, max_length:int|None=None, limit:int|None=None) -> tuple[list, int]:
+def tokenize_split(task, split:str, tokenizer, max_length:int|None=None, limit:int|None=None,
+                   cuts:list|None=None, # appends (example index, id, input tokens cut, input tokens) per cut input
+                  ) -> tuple[list, int]:
     "Tokenized examples of `task`'s `split` (at most `limit`) and how many were truncated."
     exs = task.split(split)[:limit] if limit else task.split(split)
     rows = [tokenize_example(task, ex, tokenizer, max_length) for ex in exs]
+    for i, (ex, r) in enumerate(zip(exs, rows)):
+        if r["input_cut"] and cuts is not None: cuts.append((i, ex.id, r["input_cut"], r["input_tokens"]))
+        del r["input_cut"], r["input_tokens"]
     n_cut = sum(r.pop("truncated") for r in rows)
     return rows, n_cut
+
+def cut_note(cuts:list, # from `tokenize_split(..., cuts=...)`
+            ) -> str:
+    "The largest middle cut, in words: 'example 3 (id x): 1,830 of 3,100 input tokens cut from the middle'."
+    if not cuts: return ""
+    i, id_, n, of = max(cuts, key=lambda c: c[2])
+    return f"example {i}" + (f" (id {id_})" if id_ not in (None, "", str(i)) else "") + f": {n:,} of {of:,} input tokens cut from the middle"
 
 # %% ../nbs/05_training.ipynb #6ec0ecd9
 ONE_ROW = 10**9 # `PackedCollator(row_tokens=ONE_ROW)`: the whole batch in one padding-free row
@@ -225,10 +250,12 @@ def varlen_attention(model) -> bool:
     "Whether `model` attends within packed sequences only (flash-attention's varlen kernels), so packing wastes nothing."
     return str(getattr(model.config, "_attn_implementation", "") or "").startswith("flash_attention")
 
-def train_collator(model, tokenizer, packing:bool|None=None, share_prefix:bool=True):
+def train_collator(model, tokenizer, packing:bool|None=None, share_prefix:bool=True,
+                   row_tokens:int|None=None, # token budget per packed row (a memory plan's); default as `batch_layout` says
+                  ):
     "Training batches: the shared prompt prefix once; then one packed row (varlen attention, `packing=True`) or rows."
     if packing is False: rows = PaddedCollator(tokenizer.pad_token_id)
-    else: rows = PackedCollator(ONE_ROW if packing or varlen_attention(model) else None, tokenizer.pad_token_id)
+    else: rows = PackedCollator(row_tokens or (ONE_ROW if packing or varlen_attention(model) else None), tokenizer.pad_token_id)
     return SharedPrefixCollator(rows, tokenizer.pad_token_id) if share_prefix and packing is not True else rows
 
 # %% ../nbs/05_training.ipynb #cce1c198
@@ -328,6 +355,7 @@ class TrainResult:
     stopped_early: bool = False # early stopping ended the run
     resumed_from: str|None = None # checkpoint this call resumed from
     world_size: int = 1 # training processes (DDP)
+    memory_plan: dict|None = None # what finetune estimated and changed before the first step (`MemoryPlan` fields)
 
     def losses(self, split:str="train") -> list:
         "(step, loss) pairs of `split`."
@@ -542,6 +570,121 @@ def _prepare_output_dir(out:Path, run:dict, cfg:TrainConfig, is_main:bool) -> tu
     elif out.exists() and cfg.overwrite and is_main: shutil.rmtree(out)
     return None, None
 
+# %% ../nbs/05_training.ipynb #dd9de8e3
+from .memory import estimate_memory, GB
+
+MEMORY_HEADROOM = 0.9 # share of the free memory a run plans to fill (the rest: allocator slack, other programs)
+
+class MemoryBudgetError(MemoryError, ValueError):
+    "The worst training batch does not fit the memory budget (a `ValueError` too, so `vrnx train` reports it)."
+
+@dataclass
+class MemoryPlan:
+    "What `finetune` checked before the first step, and what it changed so that the worst batch fits."
+    budget_gb: float # memory the run may use (decimal GB)
+    requested_gb: float # estimated peak of the worst batch with the config's settings
+    estimate_gb: float # estimated peak of the worst batch as trained
+    batch_size: int # examples per micro-batch, as trained
+    grad_accum: int # micro-batches per optimizer step, as trained
+    gradient_checkpointing: bool # as trained
+    row_tokens: int|None # token budget per packed row; None: the collator's own
+    longest_tokens: int # the longest training example
+    layout: str # 'one packed row', 'packed rows' or 'padded rows'
+    batch_shape: list # [rows, tokens per row] of the worst batch as trained
+    changed: str = "" # the line saying what was changed; '' when nothing was
+
+def free_memory_gb(device:str) -> float:
+    "What a run can use now: free GPU memory plus what torch holds there, or available RAM plus this process's RSS."
+    if device == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        return (free + torch.cuda.memory_reserved()) / GB
+    import psutil
+    return (psutil.virtual_memory().available + psutil.Process().memory_info().rss) / GB
+
+def batch_layout(model, # the model the collator serves
+                 packing:bool|None=None, # `TrainConfig.packing`
+                ) -> str:
+    "How `train_collator` lays a batch out: 'one packed row', 'packed rows' (each up to the longest example) or 'padded rows'."
+    if packing is False: return "padded rows"
+    return "one packed row" if packing or varlen_attention(model) else "packed rows"
+
+def worst_batch(lengths:list[int], # tokens of each training example
+                batch_size:int, # examples per batch
+                layout:str, # from `batch_layout`
+                row_tokens:int|None=None, # token budget per packed row
+               ) -> tuple[int, int, bool]:
+    "(rows, tokens per row, packed) of the batch of the `batch_size` longest examples, as the collator lays it out."
+    top = sorted(lengths, reverse=True)[:batch_size]
+    if layout == "padded rows": return len(top), top[0], False
+    rows = pack_rows(top, row_tokens or (ONE_ROW if layout == "one packed row" else top[0]))
+    return len(rows), max(sum(top[i] for i in r) for r in rows), any(len(r) > 1 for r in rows)
+
+# %% ../nbs/05_training.ipynb #713ab6e2
+def _base_model(model):
+    if hasattr(model, "get_base_model"): return model.get_base_model()  # peft
+    return model.base_model if isinstance(model, BottleneckModel) else model
+
+def _attention_kind(model) -> str:
+    impl = str(getattr(_base_model(model).config, "_attn_implementation", "") or "sdpa")
+    return "flash" if impl.startswith("flash_attention") else "eager" if impl == "eager" else "sdpa"
+
+def _divisors_down(n:int) -> list[int]: return [b for b in range(n, 0, -1) if n % b == 0]
+def _gb(x:float) -> str: return f"{x:.2f} GB" if x < 10 else f"{x:.1f} GB"
+
+def plan_memory(model, # the model `finetune` built (peft / adapter wrapped)
+                rows:list, # tokenized training examples (`input_ids`, `labels`)
+                cfg:TrainConfig, # the run's config: batch_size, grad_accum, checkpointing, packing, memory_limit_gb, adapt_memory
+                device:str="cpu", # where it trains
+               ) -> MemoryPlan:
+    "Estimate the worst batch's peak before training; fit it (smaller batches + accumulation, then checkpointing) or raise."
+    base = _base_model(model)
+    attn, layout = _attention_kind(model), batch_layout(model, cfg.packing)
+    dtype = base.get_input_embeddings().weight.dtype
+    sliced = _takes_logits_to_keep(model)
+    lengths = [len(r["input_ids"]) for r in rows]
+    answers = sorted((sum(l != -100 for l in r["labels"]) for r in rows), reverse=True)
+    targets = None if cfg.target_modules == "all-linear" or cfg.method == "adapter" else cfg.target_modules
+    def est(b, ck, row_tokens=None, lens=lengths):
+        n, seq, packed = worst_batch(lens, b, layout, row_tokens)
+        loss = max(1, min(sum(answers[:b]), n*seq)) if sliced else None
+        e = estimate_memory(base.config, cfg.method, r=cfg.r, batch_size=n, seq_len=seq, gradient_checkpointing=ck, dtype=dtype,
+                            device=device, target_modules=targets, packed=packed, attention=attn, loss_tokens=loss)
+        return e.total, [n, seq]
+    if cfg.memory_limit_gb: budget, where = cfg.memory_limit_gb, "memory_limit_gb"
+    else: budget, where = MEMORY_HEADROOM*free_memory_gb(device), f"{MEMORY_HEADROOM:.0%} of the free {'GPU memory' if device == 'cuda' else 'RAM'} and what this process holds"
+    b0, ga0, ck0, longest = cfg.batch_size, cfg.grad_accum, cfg.gradient_checkpointing, max(lengths)
+    req, shape = est(b0, ck0)
+    plan = lambda b, ck, t, gb, sh, line="": MemoryPlan(round(budget, 3), round(req, 3), round(gb, 3), b, ga0*b0//b, ck, t, longest, layout, sh, line)
+    if req <= budget: return plan(b0, ck0, None, req, shape)
+    row_t = longest if layout == "one packed row" and attn != "flash" and b0 > 1 else None  # rows of one example's length: no long mask
+    tries = [(b0, ck0, row_t)] if row_t else []
+    tries += [(b, ck0, row_t) for b in _divisors_down(b0)[1:]] + ([(b, True, row_t) for b in _divisors_down(b0)] if not ck0 else [])
+    fit = next((f for f in ((b, ck, t, *est(b, ck, t)) for b, ck, t in tries) if f[3] <= budget), None)
+    what = (f"the worst training batch ({b0} examples of up to {longest:,} tokens, {layout} of {shape[0]} x {shape[1]:,} tokens) "
+            f"needs about {_gb(req)} (estimated), over the {_gb(budget)} budget ({where})")
+    if fit and cfg.adapt_memory:
+        b, ck, t, gb, sh = fit
+        parts = ([f"packed rows of at most {t:,} tokens"] if t else []) + (
+                 [f"batch_size={b}, grad_accum={ga0*b0//b} (still {b*ga0*b0//b} examples per step)"] if b != b0 else []) + (
+                 ["gradient_checkpointing=True"] if ck and not ck0 else [])
+        return plan(b, ck, t, gb, sh, f"finetune: {what}; training with {', '.join(parts)}: about {_gb(gb)}")
+    if fit:
+        b, ck, t, gb, _ = fit
+        fix = (f"batch_size={b}, grad_accum={ga0*b0//b}" + (", gradient_checkpointing=True" if ck and not ck0 else "")
+               + f" fits (about {_gb(gb)}): pass it, or adapt_memory=True to let finetune choose")
+    else:
+        one = est(1, True)[0]
+        lo, hi, cap = 16, longest - 1, None  # the longest single example that fits: the estimate grows with its length
+        while lo <= hi:
+            mid = (lo + hi)//2
+            if est(1, True, None, [mid])[0] <= budget: cap, lo = mid, mid + 1
+            else: hi = mid - 1
+        fix = (f"even batch_size=1 with gradient_checkpointing=True needs about {_gb(one)}. Fix: "
+               + (f"max_length={cap} (cuts the middle of longer inputs; fits at batch_size=1 with gradient_checkpointing=True)"
+                  if cap else "a smaller model or method='qlora' (the weights and their states alone do not fit)")
+               + ", or a larger memory_limit_gb if more memory is free")
+    raise MemoryBudgetError(f"finetune: {what}; {fix}")
+
 # %% ../nbs/05_training.ipynb #c09f55c6
 def _report_to(value) -> list:
     "Keep the reporting integrations that are installed; warn about the others."
@@ -603,6 +746,7 @@ def finetune(model:str, # model alias ('smollm2-135m', 'tiny'), local folder or 
     out = Path(cfg.output_dir or cache_dir()/"runs"/f"{Path(model_name).name}-{task.name}-{cfg.method}-{run['hash']}").expanduser()
     is_main = int(os.environ.get("RANK", "0")) == 0
     ckpt, done = _prepare_output_dir(out, run, cfg, is_main)
+    old_plan = json.loads((out/RUN_FILE).read_text()).get("memory_plan") if ckpt else None  # a resumed run keeps its batches
     if done is not None:
         print(f"{out} holds this finished run; returning its result (pass overwrite=True or resume=False to train again)")
         return done
@@ -613,33 +757,42 @@ def finetune(model:str, # model alias ('smollm2-135m', 'tiny'), local folder or 
     set_seed(cfg.seed)
     with _quiet_deprecations(): mdl, tok = build_model(model_name, cfg, device)
     max_len = cfg.max_length or _model_context(mdl.base_model if isinstance(mdl, BottleneckModel) else mdl)
-    train_rows, n_cut = tokenize_split(task, "train", tok, max_len)
-    if n_cut: warnings.warn(f"{n_cut} of {len(train_rows)} training examples are longer than max_length={max_len} tokens and were truncated (end of the input cut; instruction and answer kept)")
+    cuts = []
+    train_rows, n_cut = tokenize_split(task, "train", tok, max_len, cuts=cuts)
+    if n_cut: warnings.warn(f"{n_cut} of {len(train_rows)} training examples are longer than max_length={max_len} tokens and were "
+                            f"truncated: {len(cuts)} lost the middle of their input (its start and end, the instruction and the answer "
+                            f"kept)" + (f"; the largest cut: {cut_note(cuts)}" if cuts else ""))
+    plan = MemoryPlan(**old_plan) if old_plan else plan_memory(mdl, train_rows, cfg, device)
+    if plan.changed: warnings.warn(plan.changed)
+    if is_main: run["memory_plan"] = asdict(plan); (out/RUN_FILE).write_text(json.dumps(run, indent=1, default=str))
+    ck = plan.gradient_checkpointing
+    if ck and not cfg.gradient_checkpointing and cfg.method == "qlora":  # build_model did not enable it for the 4-bit base
+        _base_model(mdl).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     val_rows = tokenize_split(task, "val", tok, max_len, cfg.max_val_examples)[0] if has_val else None
     weights = label_balance_weights([e.target for e in task.train], cfg.balance_power) if cfg.balance else None
     if cfg.balance == "weight":
         for row, w in zip(train_rows, weights): row["weight"] = w
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    steps_per_epoch = max(1, math.ceil(len(train_rows) / (cfg.batch_size * cfg.grad_accum * world)))
+    steps_per_epoch = max(1, math.ceil(len(train_rows) / (plan.batch_size * plan.grad_accum * world)))
     total_steps = cfg.max_steps or math.ceil(steps_per_epoch * cfg.epochs)
     eval_steps = cfg.eval_steps or max(1, steps_per_epoch // 2)
     gpu_bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
     with _quiet_deprecations(): args = TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs,
+        output_dir=str(out), per_device_train_batch_size=plan.batch_size, per_device_eval_batch_size=plan.batch_size,
+        gradient_accumulation_steps=plan.grad_accum, learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps or -1, warmup_steps=int(cfg.warmup_ratio * total_steps), weight_decay=cfg.weight_decay,
         lr_scheduler_type=cfg.lr_scheduler_type, logging_steps=1, eval_strategy="steps" if has_val else "no",
         eval_steps=eval_steps, save_strategy="steps", save_steps=eval_steps, save_total_limit=2,
         load_best_model_at_end=has_val, metric_for_best_model="eval_loss", greater_is_better=False,
         report_to=_report_to(cfg.report_to), seed=cfg.seed, data_seed=cfg.seed, bf16=gpu_bf16,
-        activation_checkpointing=cfg.gradient_checkpointing and cfg.method != "qlora",
+        activation_checkpointing=ck and cfg.method != "qlora",
         activation_checkpointing_kwargs={"use_reentrant": False}, remove_unused_columns=False, label_names=["labels"], use_cpu=device == "cpu",
         train_sampling_strategy="group_by_length" if cfg.packing is False else "random", dataloader_num_workers=0, disable_tqdm=False,
         ddp_find_unused_parameters=False, prediction_loss_only=True)
     cbs = [CSVLogCallback(out/"log.csv")] + list(callbacks or [])
     if has_val and cfg.early_stopping_patience: cbs.append(EarlyStoppingCallback(cfg.early_stopping_patience))
     trainer = VrnxTrainer(model=mdl, args=args, train_dataset=train_rows, eval_dataset=val_rows, processing_class=tok,
-                          sample_weights=weights if cfg.balance == "oversample" else None, data_collator=train_collator(mdl, tok, cfg.packing, cfg.share_prefix and not cfg.gradient_checkpointing), callbacks=cbs)
+                          sample_weights=weights if cfg.balance == "oversample" else None, data_collator=train_collator(mdl, tok, cfg.packing, cfg.share_prefix and not ck, plan.row_tokens), callbacks=cbs)
     if any(isinstance(c, ProgressCallback) for c in trainer.callback_handler.callbacks):
         trainer.remove_callback(ProgressCallback); trainer.add_callback(QuietProgressCallback())
     if device == "cuda": torch.cuda.reset_peak_memory_stats()
@@ -655,7 +808,7 @@ def finetune(model:str, # model alias ('smollm2-135m', 'tiny'), local folder or 
                          wall_time_s=time.time()-t0, useful_tokens_per_s=trainer.tokens_per_s(out_metrics.metrics.get("train_runtime", 0))*world,
                          peak_memory_gb=_peak_memory_gb(device), config=asdict(cfg), global_step=st.global_step,
                          train_tokens=trainer.useful_tokens*world, n_truncated=n_cut, stopped_early=stopped,
-                         resumed_from=ckpt, world_size=world)
+                         resumed_from=ckpt, world_size=world, memory_plan=asdict(plan))
     if trainer.is_world_process_zero():
         trainer.save_model(str(out))
         tok.save_pretrained(str(out))
@@ -758,6 +911,10 @@ def _train_parser():
     p.add_argument("--report-to", default=d("report_to"))
     p.add_argument("--balance", choices=BALANCE_MODES, default=d("balance"),
                    help="lift rare labels: oversample them or weight their loss")
+    p.add_argument("--memory-limit-gb", type=float, default=d("memory_limit_gb"),
+                   help="memory the run may use (GB); default 90%% of what is free")
+    p.add_argument("--no-adapt-memory", action="store_false", dest="adapt_memory", default=d("adapt_memory"),
+                   help="stop instead of shrinking batches or checkpointing when the worst batch would not fit")
     return p
 
 def main_train(argv:list[str]|None=None) -> int:
