@@ -571,7 +571,7 @@ def _prepare_output_dir(out:Path, run:dict, cfg:TrainConfig, is_main:bool) -> tu
     return None, None
 
 # %% ../nbs/05_training.ipynb #dd9de8e3
-from .memory import estimate_memory, GB
+from .memory import estimate_memory, GB, CPU_BASELINE_GB
 
 MEMORY_HEADROOM = 0.9 # share of the free memory a run plans to fill (the rest: allocator slack, other programs)
 
@@ -592,6 +592,7 @@ class MemoryPlan:
     layout: str # 'one packed row', 'packed rows' or 'padded rows'
     batch_shape: list # [rows, tokens per row] of the worst batch as trained
     changed: str = "" # the line saying what was changed; '' when nothing was
+    overhead_gb: float|None = None # the process outside tensors as estimated; None: `estimate_memory`'s default
 
 def free_memory_gb(device:str) -> float:
     "What a run can use now: free GPU memory plus what torch holds there, or available RAM plus this process's RSS."
@@ -644,17 +645,24 @@ def plan_memory(model, # the model `finetune` built (peft / adapter wrapped)
     lengths = [len(r["input_ids"]) for r in rows]
     answers = sorted((sum(l != -100 for l in r["labels"]) for r in rows), reverse=True)
     targets = None if cfg.target_modules == "all-linear" or cfg.method == "adapter" else cfg.target_modules
+    overhead = None  # on the CPU with the default budget: what this process already holds beyond the weights
+    if not cfg.memory_limit_gb and device != "cuda":
+        import psutil
+        w = estimate_memory(base.config, cfg.method, r=cfg.r, batch_size=1, seq_len=1, dtype=dtype, device=device).weights
+        overhead = max(CPU_BASELINE_GB, psutil.Process().memory_info().rss/GB - w)
     def est(b, ck, row_tokens=None, lens=lengths):
         n, seq, packed = worst_batch(lens, b, layout, row_tokens)
         loss = max(1, min(sum(answers[:b]), n*seq)) if sliced else None
         e = estimate_memory(base.config, cfg.method, r=cfg.r, batch_size=n, seq_len=seq, gradient_checkpointing=ck, dtype=dtype,
-                            device=device, target_modules=targets, packed=packed, attention=attn, loss_tokens=loss)
+                            device=device, target_modules=targets, packed=packed, attention=attn, loss_tokens=loss,
+                            overhead_gb=overhead)
         return e.total, [n, seq]
     if cfg.memory_limit_gb: budget, where = cfg.memory_limit_gb, "memory_limit_gb"
     else: budget, where = MEMORY_HEADROOM*free_memory_gb(device), f"{MEMORY_HEADROOM:.0%} of the free {'GPU memory' if device == 'cuda' else 'RAM'} and what this process holds"
     b0, ga0, ck0, longest = cfg.batch_size, cfg.grad_accum, cfg.gradient_checkpointing, max(lengths)
     req, shape = est(b0, ck0)
-    plan = lambda b, ck, t, gb, sh, line="": MemoryPlan(round(budget, 3), round(req, 3), round(gb, 3), b, ga0*b0//b, ck, t, longest, layout, sh, line)
+    plan = lambda b, ck, t, gb, sh, line="": MemoryPlan(round(budget, 3), round(req, 3), round(gb, 3), b, ga0*b0//b, ck, t, longest, layout, sh, line,
+                                                      overhead and round(overhead, 3))
     if req <= budget: return plan(b0, ck0, None, req, shape)
     row_t = longest if layout == "one packed row" and attn != "flash" and b0 > 1 else None  # rows of one example's length: no long mask
     tries = [(b0, ck0, row_t)] if row_t else []
