@@ -162,3 +162,15 @@ def test_cli_augment_grid_lists_its_arms_and_reuses_the_balance_rows(tmp_path, c
     assert [l.split()[1] for l in lines] == ["done", "done", "todo", "todo", "todo"]
     assert "synthetic (adapted teacher)" in lines[3] and "steps<=160" in lines[4]
     assert main_experiment(["augment", "--task", "medical", "--classifier-threshold", "0.5", "--results", str(res)]) == 2
+
+
+def test_classifier_threshold_keeps_what_the_seed_classifier_gives_the_asked_label(tmp_path):
+    from vrnx_nb.experiments import _classifier_kept
+    from vrnx_nb.tasks import load_task
+    cfg = ExperimentConfig("legal", "lora", r=4, augment=4, teacher_mode="label", classifier_threshold=0.01, **TINY)
+    task = load_task("legal", n_train=cfg.n_train, seed=cfg.seed)
+    cands = task.train[:6]
+    kept = _classifier_kept(cfg, task, cands, tmp_path)
+    assert {e.id for e in kept} <= {e.id for e in cands}
+    assert all(e.meta["classifier_label"] == e.target and e.meta["classifier_p"] >= 0.01 for e in kept)
+    assert (tmp_path/"adapted").is_dir()  # the seed classifier is cached beside the experiment's other outputs

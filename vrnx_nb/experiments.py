@@ -266,7 +266,7 @@ def _teacher(cfg:ExperimentConfig, task, cache):
 def _classifier_kept(cfg:ExperimentConfig, task, kept:list, cache) -> list:
     "LAMBADA's filter: the kept examples a classifier trained on the seeds alone gives their label with enough probability."
     from vrnx_nb.adapt import train_seed_classifier, SeedClassifier, classifier_filter
-    clf = SeedClassifier(train_seed_classifier(task.train, task, model=cfg.model, cache_root=Path(cache)/"adapted"))
+    clf = SeedClassifier(train_seed_classifier(task.train, task, model=cfg.model, cache_root=Path(cache)/"adapted"), task)
     return classifier_filter(kept, clf, task, threshold=cfg.classifier_threshold).kept
 
 def synthetic_examples(cfg:ExperimentConfig, # an augmented config
