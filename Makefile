@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test check nbtest pytest export clean-nbs readme bench screenshots
+.PHONY: install demo test check nbtest pytest test-slow export clean-nbs readme bench screenshots
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ nbtest: install
 
 pytest: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests --durations=15
+
+# Every tutorial with its slow cells (SmolLM2-135M-Instruct), one at a time, each in its own process (one model in
+# memory at once): about 13 minutes on 2 cores; bench/test_slow_timing.py times them the same way. CI runs it after `test`.
+test-slow: install
+	for nb in nbs/tutorials/*.ipynb; do HF_HUB_OFFLINE=1 $(BIN)/nbdev-test --flags slow --timing "$$nb" || exit 1; done
 
 export: install
 	$(BIN)/nbdev-export
