@@ -199,17 +199,24 @@ def test_missing_api_key_for_openai(legal, monkeypatch):
 
 
 @pytest.mark.parametrize("kw, msg", [
-    (dict(quality_threshold=1.2), "quality_threshold must be a number in [0, 1]"),
-    (dict(quality_threshold=-0.01), "quality_threshold must be a number in [0, 1]"),
-    (dict(diversity_weight=2), "diversity_weight must be a number in [0, 1]"),
-    (dict(diversity_weight=float("nan")), "diversity_weight must be a number in [0, 1]"),
-    (dict(concurrency=0), "concurrency must be an integer >= 1"),
-    (dict(max_retries=-1), "max_retries must be an integer >= 0"),
-    (dict(timeout=0), "timeout must be a positive number"),
-    (dict(base_url="localhost:8000"), "base_url must start with http"),
-    (dict(api_key_env="sk-live-abcdef"), "NAME of an environment variable"),
-    (dict(teacher_model=""), "teacher_model must be a non-empty"),
-    (dict(price_per_1k_prompt=-1), "price_per_1k_prompt must be a number >= 0"),
+    (dict(quality_threshold=1.2), "SyntheticPipeline.quality_threshold: expected a number in [0, 1], got 1.2"),
+    (dict(quality_threshold=-0.01), "SyntheticPipeline.quality_threshold: expected a number in [0, 1], got -0.01"),
+    (dict(diversity_weight=2), "SyntheticPipeline.diversity_weight: expected a number in [0, 1], got 2"),
+    (dict(diversity_weight=float("nan")), "SyntheticPipeline.diversity_weight: expected a number in [0, 1], got nan"),
+    (dict(concurrency=0), "SyntheticPipeline.concurrency: expected a positive integer, got 0"),
+    (dict(max_retries=-1), "SyntheticPipeline.max_retries: expected an integer >= 0, got -1"),
+    (dict(timeout=0), "SyntheticPipeline.timeout: expected a positive number, got 0"),
+    (dict(base_url="localhost:8000"), "SyntheticPipeline.base_url: expected a URL starting with http:// or https:// or None, got 'localhost:8000'"),
+    (dict(api_key_env="sk-live-abcdef"), "SyntheticPipeline.api_key_env: expected the NAME of an environment variable"),
+    (dict(teacher_model=""), "SyntheticPipeline.teacher_model: expected a non-empty model name"),
+    (dict(price_per_1k_prompt=-1), "SyntheticPipeline.price_per_1k_prompt: expected a number >= 0, got -1"),
+    (dict(classifier_threshold=0), "SyntheticPipeline.classifier_threshold: expected a number in (0, 1] or None, got 0"),
+    (dict(classifier_threshold=1.5), "SyntheticPipeline.classifier_threshold: expected a number in (0, 1] or None, got 1.5"),
+    (dict(adapt="yes"), "SyntheticPipeline.adapt: expected one of [True, False], got 'yes'"),
+    (dict(adapt=True), "SyntheticPipeline.adapt: expected False unless teacher_model is a base model to tune here"),
+    (dict(adapt_config={"max_steps": 2}), "SyntheticPipeline.adapt_config: expected an AdaptConfig or None, got {'max_steps': 2}"),
+    (dict(adapt_cache=""), "SyntheticPipeline.adapt_cache: expected a folder path or None, got ''"),
+    (dict(classifier_model=42), "SyntheticPipeline.classifier_model: expected None, a model alias or folder"),
 ])
 def test_bad_config(kw, msg):
     with pytest.raises(ValueError) as e: SyntheticPipeline(**kw)
@@ -411,10 +418,11 @@ def test_trained_run_as_teacher(legal, tmp_path, no_http):
 
 
 @pytest.mark.parametrize("kw, msg", [
-    (dict(mode="free text"), "mode must be one of"),
-    (dict(top_p=0), "top_p must be a number in (0, 1]"),
-    (dict(top_p=1.5), "top_p must be a number in (0, 1]"),
-    (dict(teacher_model=42), "teacher_model must be a non-empty model name"),
+    (dict(mode="free text"), "SyntheticPipeline.mode: expected one of ['json', 'label', 'two_step'] or None, got 'free text'"),
+    (dict(top_p=0), "SyntheticPipeline.top_p: expected a number in (0, 1], got 0"),
+    (dict(top_p=1.5), "SyntheticPipeline.top_p: expected a number in (0, 1], got 1.5"),
+    (dict(teacher_model=42), "SyntheticPipeline.teacher_model: expected a non-empty model name"),
+    (dict(teacher_model="tiny", base_url="http://127.0.0.1:9/v1", adapt=True), "SyntheticPipeline.adapt: expected False unless"),
 ])
 def test_bad_local_config(kw, msg):
     with pytest.raises(ValueError) as e: SyntheticPipeline(**kw)
@@ -604,10 +612,146 @@ def test_missing_xgrammar_fails_before_loading_the_model(legal, monkeypatch):
     monkeypatch.setitem(sys.modules, "xgrammar", None)   # as if not installed
     pipe = SyntheticPipeline(teacher_model="tiny", mode="json", cache_path=False)
     with pytest.raises(ImportError, match=r"pip install xgrammar .*structured=False"): pipe.generate(legal.train, 2, task=legal)
-    assert pipe._local_teacher is None
+    assert pipe._teachers == {}
     # JSON without the constraint does not need it
     SyntheticPipeline(teacher_model="tiny", mode="json", structured=False, cache_path=False, max_tokens=2).generate(legal.train, 1, task=legal)
 
 
 def test_bad_structured_flag():
-    with pytest.raises(ValueError, match="structured must be True or False"): SyntheticPipeline(structured="yes")
+    with pytest.raises(ValueError, match=r"SyntheticPipeline.structured: expected one of \[True, False\], got 'yes'"): SyntheticPipeline(structured="yes")
+
+
+# ---------------------------------------------------------------- seed adaptation and the classifier stage (issue 17 items 4, 5)
+
+def _adapt_kw(tmp_path, **kw):
+    from vrnx_nb.adapt import AdaptConfig
+    return {**dict(teacher_model="tiny", adapt=True, adapt_config=AdaptConfig(max_steps=2, r=4), adapt_cache=str(tmp_path/"adapted"),
+                   max_tokens=10, concurrency=4, device="cpu"), **kw}
+
+
+@pytest.fixture
+def count_finetunes(monkeypatch):
+    "Counts the LoRA runs `adapt_teacher` / `train_seed_classifier` start (they import finetune when called)."
+    import vrnx_nb.training as training
+    calls, real = [], training.finetune
+    def counting(model, task, **kw): calls.append(task.name); return real(model, task, **kw)
+    monkeypatch.setattr(training, "finetune", counting)
+    return calls
+
+
+def test_adapted_teacher_is_trained_once_per_seeds_and_asked_by_the_pipeline(legal, tmp_path, no_http, count_finetunes):
+    seeds = legal.train[:12]
+    first = SyntheticPipeline(cache_path=str(tmp_path/"r.jsonl"), **_adapt_kw(tmp_path))
+    syn = first.generate(seeds, 4, task=legal)
+    assert count_finetunes == ["legal-generator"] and first.adapted is not None
+    assert first.teacher_name == str(Path(first.adapted.output_dir).absolute()) != "tiny"
+    assert all(e.meta["teacher"] == first.teacher_name and e.target == e.meta["asked_label"] for e in syn)
+    assert {json.loads(l)["model"] for l in (tmp_path/"r.jsonl").read_text().splitlines()} == {first.teacher_name}
+    # the same seeds: the same adapter from the cache, not trained again, and every reply from the reply cache
+    again = SyntheticPipeline(cache_path=str(tmp_path/"r.jsonl"), **_adapt_kw(tmp_path))
+    again.generate(seeds, 4, task=legal)
+    assert count_finetunes == ["legal-generator"] and again.adapted.output_dir == first.adapted.output_dir
+    assert (again.usage.cached, again.usage.calls) == (4, 0)
+    # one seed changed: another adapter, trained, and asked under its own name (nothing reused)
+    changed = [Example(seeds[0].input + " indeed", seeds[0].target)] + seeds[1:]
+    other = SyntheticPipeline(cache_path=str(tmp_path/"r.jsonl"), **_adapt_kw(tmp_path))
+    other.generate(changed, 4, task=legal)
+    assert count_finetunes == ["legal-generator"]*2 and other.adapted.output_dir != first.adapted.output_dir
+    assert (other.usage.cached, other.usage.calls) == (0, 4)
+    assert len([p for p in (tmp_path/"adapted").iterdir() if p.is_dir()]) == 2
+
+
+def test_adapted_teacher_writes_inputs_and_the_base_teacher_the_targets(tmp_path, no_http, count_finetunes):
+    med = load_task("medical", n_train=6, seed=0)
+    pipe = SyntheticPipeline(cache_path=str(tmp_path/"m.jsonl"), **_adapt_kw(tmp_path, max_tokens=16))
+    assert pipe._mode("summarization") == "two_step"
+    syn = pipe.generate(med.train, 4, task=med)
+    n_inputs = 4 - sum(not r["reason"].startswith("target_") for r in pipe.rejected)
+    models = Counter(json.loads(l)["model"] for l in (tmp_path/"m.jsonl").read_text().splitlines())
+    assert models == Counter({pipe.teacher_name: 4, "tiny": n_inputs}) and n_inputs >= 1   # step 2 from the untuned base
+    assert count_finetunes == ["medical-generator"] and all(e.meta["mode"] == "two_step" for e in syn)
+    assert set(pipe._teachers) == {"tiny", pipe.teacher_name}   # both kept loaded for the next round
+
+
+def test_adapt_needs_a_task_and_a_plain_text_mode(legal, tmp_path):
+    with pytest.raises(ValueError, match=r"SyntheticPipeline.adapt: expected False without a task"):
+        SyntheticPipeline(cache_path=False, **_adapt_kw(tmp_path)).generate(legal.train, 2, "Classify clauses")
+    with pytest.raises(ValueError, match=r"SyntheticPipeline.adapt: expected False in mode 'json'"):
+        SyntheticPipeline(cache_path=False, mode="json", **_adapt_kw(tmp_path)).generate(legal.train, 2, task=legal)
+    assert not (tmp_path/"adapted").exists()   # refused before any training
+
+
+def _pool_judge(legal, pool):
+    "A stand-in seed classifier: 0.8 on a pool clause's own label, uniform on any other text."
+    truth, L = {e.input: e.target for e in pool}, legal.labels
+    def judge(texts):
+        import numpy as np
+        out = np.full((len(texts), len(L)), 1/len(L))
+        for i, t in enumerate(texts):
+            if t in truth: out[i] = 0.2/(len(L) - 1); out[i, L.index(truth[t])] = 0.8
+        return out
+    return judge
+
+
+def test_classifier_stage_runs_after_decontamination_with_its_retention(legal):
+    pool = [e for e in load_task("legal").train if e.id not in {s.id for s in legal.train}][:40]
+    def teacher(messages, request):   # half the replies are pool clauses under their own label, half under the asked one
+        e = pool[request["index"] % len(pool)]
+        return json.dumps({"input": e.input, "target": e.target if request["index"] % 2 else request["target_label"]})
+    pipe = SyntheticPipeline(teacher=teacher, teacher_model="fake", cache_path=False, quality_threshold=0.0,
+                             classifier_threshold=0.5, classifier_model=_pool_judge(legal, pool))
+    syn = pipe.generate(legal.train, 40, task=legal)
+    kept = pipe.filter(syn)
+    rep = pipe.report()
+    stages = list(rep.stages.stage)
+    assert stages.index("decontamination") + 1 == stages.index("classifier") == stages.index("quality") - 1
+    row = rep.stages.set_index("stage").loc["classifier"]
+    rejected = Counter(r["reason"] for r in pipe.rejected if r["stage"] == "classifier")
+    assert row["out"] == row["in"] - sum(rejected.values()) and set(rejected) <= {"other_label", "low_confidence"}
+    assert rejected["other_label"] >= 1   # the replies filed under a label that is not theirs
+    truth = {e.input: e.target for e in pool}
+    assert kept and all(truth[e.input] == e.target and e.meta["classifier_p"] == 0.8 for e in kept)
+    assert int(rep.table["count"].sum()) + len(kept) == 40
+    # off: no classifier row, the same report as before
+    plain = SyntheticPipeline(teacher=teacher, teacher_model="fake", cache_path=False, quality_threshold=0.0)
+    plain.filter(plain.generate(legal.train, 40, task=legal))
+    assert "classifier" not in set(plain.report().stages.stage)
+
+
+def test_classifier_stage_needs_a_classification_task(legal):
+    med = load_task("medical", n_train=10, seed=0)
+    pipe = SyntheticPipeline(teacher=fake, teacher_model="fake", cache_path=False, classifier_threshold=0.5)
+    with pytest.raises(ValueError, match=r"SyntheticPipeline.classifier_threshold: expected None for a summarization task"):
+        pipe.generate(med.train, 2, task=med)
+    with pytest.raises(ValueError, match=r"SyntheticPipeline.classifier_threshold: expected None without a task"):
+        pipe.generate(legal.train, 2, "Classify clauses")
+
+
+def test_classifier_stage_trains_the_seed_classifier_from_the_teachers_base(legal, tmp_path, no_http, count_finetunes):
+    seeds = legal.train[:12]
+    pipe = SyntheticPipeline(cache_path=False, classifier_threshold=0.01, **_adapt_kw(tmp_path, max_tokens=16))
+    kept = pipe.filter(pipe.generate(seeds, 4, task=legal))
+    assert count_finetunes == ["legal-generator", "legal-seeds"]
+    assert any(p.name.startswith("tiny-legal-classifier-") for p in (tmp_path/"adapted").iterdir())
+    io = {s: (i, o) for s, i, o in pipe._stage_io}
+    assert io["classifier"][0] == io["decontamination"][1]
+    judged = kept + [r["example"] for r in pipe.rejected if r["stage"] == "classifier"]
+    assert len(judged) == io["classifier"][0] and all(0 <= e.meta["classifier_p"] <= 1 for e in judged)
+    pipe.filter(pipe.generate(seeds, 4, task=legal))   # the same seeds: both runs found in the cache
+    assert count_finetunes == ["legal-generator", "legal-seeds"]
+
+
+def test_experiments_filter_synthetic_data_with_the_pipelines_classifier_stage(tmp_path):
+    "vrnx_nb.experiments applies ExperimentConfig.classifier_threshold through SyntheticPipeline.filter (one place)."
+    from vrnx_nb.experiments import ExperimentConfig, synthetic_examples
+    pool = load_task("legal").train
+    def scripted(messages, request):   # real clauses from outside the seeds, with their true labels
+        e = pool[(7*request["index"]) % len(pool)]
+        return json.dumps({"input": e.input, "target": e.target})
+    cfg = ExperimentConfig("legal", "lora", model="tiny", r=4, augment=6, quality_threshold=0.0, teacher="scripted",
+                           classifier_threshold=0.01, n_train=8, max_steps=2, batch_size=4, limit=4, max_val_examples=4)
+    task = load_task("legal", n_train=cfg.n_train, seed=cfg.seed)
+    kept, meta = synthetic_examples(cfg, task, tmp_path, teacher_fn=scripted)
+    assert kept and all(e.meta["classifier_label"] == e.target and e.meta["classifier_p"] >= 0.01 for e in kept)
+    assert meta["kept"] == len(kept) and meta["generated"] >= len(kept)
+    assert any(p.name.startswith("tiny-legal-classifier-") for p in (tmp_path/"adapted").iterdir())  # tuned from cfg.model

@@ -58,3 +58,62 @@ def test_experiment_options_leave_the_defaults_to_the_config(monkeypatch, tmp_pa
     for c in cfgs:
         plain = ExperimentConfig(c.task, c.method, augment=c.augment)
         assert {k: getattr(c, k) for k in pairs} == {k: getattr(plain, k) for k in pairs}, c.label
+
+# --- vrnx augment
+
+def test_augment_options_default_to_the_pipelines():
+    from vrnx_nb.augmentation import SyntheticPipeline, _augment_parser
+    pairs = option_defaults(_augment_parser(), SyntheticPipeline)
+    # teacher_model and adapt depend on the teacher: the local one (smollm2-135m, adapted) or an endpoint (gpt-4-turbo, not)
+    assert {k for k, (cli, cfg) in pairs.items() if cli != cfg} == {"teacher_model", "adapt"}
+    assert pairs["adapt"][0] is None and pairs["teacher_model"][0] is None
+    assert {"mode", "classifier_threshold", "quality_threshold", "diversity_weight", "concurrency", "max_tokens", "seed",
+            "base_url", "api_key_env", "device"} <= set(pairs)
+
+
+def _captured_pipeline(monkeypatch, argv) -> "SyntheticPipeline":
+    from vrnx_nb import augmentation
+    seen = {}
+    def fake(self, *args, **kwargs): seen["pipe"] = self; raise _Captured("captured")
+    monkeypatch.setattr(augmentation.SyntheticPipeline, "generate", fake)
+    assert augmentation.main_augment(argv) == 2
+    return seen["pipe"]
+
+
+def test_vrnx_augment_offline_default_is_the_adapted_local_teacher(monkeypatch):
+    from vrnx_nb.augmentation import SyntheticPipeline, LOCAL_TEACHER
+    pipe = _captured_pipeline(monkeypatch, [])
+    assert (pipe.teacher_model, pipe.adapt, pipe.local, pipe.base_url) == (LOCAL_TEACHER, True, True, None) == ("smollm2-135m", True, True, None)
+    assert (pipe._mode("classification"), pipe._mode("summarization")) == ("label", "two_step")
+    plain = SyntheticPipeline(teacher_model=LOCAL_TEACHER)   # every other setting is the dataclass's
+    skip = {"teacher_model", "adapt", "cache_path", "teacher"}
+    assert {f.name: getattr(pipe, f.name) for f in dataclasses.fields(pipe) if f.name not in skip} == \
+           {f.name: getattr(plain, f.name) for f in dataclasses.fields(plain) if f.name not in skip}
+    assert _captured_pipeline(monkeypatch, ["--no-adapt"]).adapt is False
+    assert _captured_pipeline(monkeypatch, ["--mode", "json"]).adapt is False   # an adapted teacher writes plain text
+    flags = _captured_pipeline(monkeypatch, ["--mode", "label", "--classifier-threshold", "0.7", "--teacher-model", "tiny"])
+    assert (flags.mode, flags.classifier_threshold, flags.teacher_model, flags.adapt) == ("label", 0.7, "tiny", True)
+    endpoint = _captured_pipeline(monkeypatch, ["--base-url", "http://127.0.0.1:9/v1"])
+    assert (endpoint.teacher_model, endpoint.adapt, endpoint._mode("classification")) == ("gpt-4-turbo", False, "json")
+
+
+def test_vrnx_augment_refuses_adapt_with_an_endpoint(capsys):
+    from vrnx_nb.augmentation import main_augment
+    assert main_augment(["--base-url", "http://127.0.0.1:9/v1", "--adapt"]) == 2
+    assert "--adapt: the teacher is tuned in this process" in capsys.readouterr().err
+    assert main_augment(["--classifier-threshold", "2", "--no-adapt"]) == 2
+    assert "SyntheticPipeline.classifier_threshold: expected a number in (0, 1] or None, got 2.0" in capsys.readouterr().err
+
+# --- vrnx demo --augment
+
+def test_demo_augment_is_off_by_default_and_uses_the_adapted_local_teacher(monkeypatch, tmp_path):
+    from vrnx_nb import augmentation, cli
+    assert cli._demo_parser().parse_args([]).augment == 0   # off: the demo's time is unchanged
+    seen = {}
+    def fake(self, seeds, target_count, *a, **kw): seen.update(pipe=self, n=target_count, seeds=len(seeds)); raise _Captured("captured")
+    monkeypatch.setattr(augmentation.SyntheticPipeline, "generate", fake)
+    with pytest.raises(_Captured):
+        cli.main_demo(["--model", "tiny", "--n-train", "12", "--min-per-label", "1", "--augment", "3", "--preview", "0", "--out", str(tmp_path)])
+    pipe = seen["pipe"]
+    assert (pipe.teacher_model, pipe.adapt, pipe.local, seen["n"], seen["seeds"]) == ("tiny", True, True, 3, 12)
+    assert pipe._mode("classification") == "label" and pipe.cache_path == str(tmp_path/"teacher_replies.jsonl")

@@ -14,16 +14,18 @@ from typing import Any, Callable
 from urllib.parse import urlparse
 import numpy as np
 from .tasks import Example, Task
+from .checks import (Kind, field_error, validate, positive_int, positive_number, int_at_least, number_at_least,
+                            number_in, one_of, default_of)
 from .serving import TeacherEndpoint, free_port, local_teacher  # the server lifecycle; re-exported here
 
 # %% auto #0
 __all__ = ['INPUT_KEYS', 'TARGET_KEYS', 'FORMAT_CHECKS', 'AXES', 'MODES', 'SCHEMA_FIELDS', 'OFF_TASK', 'SUPPORT_FILE',
-           'extract_json', 'parse_reply', 'SeedProfile', 'profile_seeds', 'build_request', 'default_mode',
-           'build_label_request', 'split_question', 'build_input_request', 'build_target_request', 'task_schema',
-           'schema_errors', 'reply_errors', 'response_format', 'clean_reply', 'request_key', 'ReplyCache',
-           'TeacherError', 'run_sync', 'normalize_text', 'Decontaminator', 'corrupt_examples', 'QualityClassifier',
-           'mmr_select', 'teacher_name', 'LocalTeacher', 'Usage', 'AugmentReport', 'SyntheticPipeline', 'write_jsonl',
-           'main_augment']
+           'LOCAL_TEACHER', 'extract_json', 'parse_reply', 'SeedProfile', 'profile_seeds', 'build_request',
+           'default_mode', 'build_label_request', 'split_question', 'build_input_request', 'build_target_request',
+           'task_schema', 'schema_errors', 'reply_errors', 'response_format', 'clean_reply', 'request_key',
+           'ReplyCache', 'TeacherError', 'run_sync', 'normalize_text', 'Decontaminator', 'corrupt_examples',
+           'QualityClassifier', 'mmr_select', 'teacher_name', 'LocalTeacher', 'Usage', 'AugmentReport',
+           'SyntheticPipeline', 'write_jsonl', 'main_augment']
 
 # %% ../nbs/04_augmentation.ipynb #b82686b8
 def _balanced_objects(text:str):
@@ -815,7 +817,7 @@ class LocalTeacher:
     def __repr__(self): return f"LocalTeacher({self.name!r} on {self.device})"
 
 # %% ../nbs/04_augmentation.ipynb #fee83d49
-_STAGES = ("generation", "validity", "length", "duplicate", "decontamination", "quality", "diversity")
+_STAGES = ("generation", "validity", "length", "duplicate", "decontamination", "classifier", "quality", "diversity")
 
 @dataclass
 class Usage:
@@ -855,9 +857,17 @@ class AugmentReport:
     def _repr_html_(self):
         return (self.stages.to_html(index=False) + "<br>" + self.table.to_html(index=False) + f"<pre>{self.usage!r}</pre>")
 
-def _unit(name, x, lo=0.0, hi=1.0):
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not (lo <= x <= hi) or x != x:
-        raise ValueError(f"{name} must be a number in [{lo:g}, {hi:g}], got {x!r}")
+_UNIT = number_in(0, 1, closed="both")
+_BOOL = one_of([True, False])
+_URL = Kind("a URL starting with http:// or https://", lambda v: isinstance(v, str) and bool(re.match(r"^https?://", v)))
+_FOLDER = Kind("a folder path or None", lambda v: v is None or (isinstance(v, (str, os.PathLike)) and str(v).strip() != ""))
+def _is_adapt_config(v) -> bool:
+    from vrnx_nb.adapt import AdaptConfig
+    return v is None or isinstance(v, AdaptConfig)
+_ADAPT_CONFIG = Kind("an AdaptConfig or None", _is_adapt_config)
+_JUDGE = Kind("None, a model alias or folder, a TrainResult, a (model, tokenizer) pair or a callable texts -> probabilities",
+              lambda v: v is None or callable(v) or hasattr(v, "output_dir") or (isinstance(v, (tuple, list)) and len(v) == 2)
+                        or (isinstance(v, (str, os.PathLike)) and str(v).strip() != ""))
 
 def _positive_int(name, x, minimum=1):
     if isinstance(x, bool) or not isinstance(x, int) or x < minimum: raise ValueError(f"{name} must be an integer >= {minimum}, got {x!r}")
@@ -891,41 +901,46 @@ class SyntheticPipeline:
     max_redundancy: float = 0.7 # similarity allowed at the quality threshold (MMR floor)
     decontam_ngram: int = 13 # word n-gram size for decontamination
     length_slack: float = 0.5 # inputs may be this much shorter than the shortest seed / longer than the longest
+    adapt: bool = False # LoRA-tune the local teacher on the seeds before generating (`adapt_teacher`, cached by their hash)
+    adapt_config: Any = None # an `AdaptConfig` for `adapt` and the seed classifier; None: its defaults
+    adapt_cache: str|None = None # folder of the adapted runs (teacher and classifier); None: `<cache_dir()>/adapted`
+    classifier_threshold: float|None = None # classification: LAMBADA's filter, min probability of the label; None: off
+    classifier_model: Any = None # seed classifier's base model, a trained run or a judge; None: the teacher's base
     teacher: Callable|None = field(default=None, repr=False) # a callable used instead of an endpoint (tests, notebooks)
 
     def __post_init__(self):
-        tm = self.teacher_model
+        tm, own = self.teacher_model, "SyntheticPipeline"
         if not (hasattr(tm, "output_dir") or isinstance(tm, (LocalTeacher, os.PathLike)) or (isinstance(tm, str) and tm.strip())):
-            raise ValueError(f"teacher_model must be a non-empty model name, a model folder, a TrainResult or a LocalTeacher, got {tm!r}")
-        if self.base_url is not None and not isinstance(tm, str): raise ValueError(f"teacher_model must be the model name the endpoint knows when base_url is given, got {type(tm).__name__}")
-        _unit("quality_threshold", self.quality_threshold); _unit("diversity_weight", self.diversity_weight)
-        _unit("near_dup_threshold", self.near_dup_threshold); _unit("max_redundancy", self.max_redundancy)
-        _positive_int("concurrency", self.concurrency); _positive_int("max_retries", self.max_retries, 0)
-        _positive_int("max_tokens", self.max_tokens); _positive_int("n_shots", self.n_shots); _positive_int("decontam_ngram", self.decontam_ngram)
-        _positive_int("seed", self.seed, 0)
-        for name in ("timeout", "connect_timeout"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0: raise ValueError(f"{name} must be a positive number of seconds, got {v!r}")
+            raise field_error(own, "teacher_model", "a non-empty model name, a model folder, a TrainResult or a LocalTeacher", tm)
+        if self.base_url is not None and not isinstance(tm, str):
+            raise field_error(own, "teacher_model", "the model name the endpoint knows when base_url is given", type(tm).__name__)
+        validate(self, {"quality_threshold": _UNIT, "diversity_weight": _UNIT, "near_dup_threshold": _UNIT, "max_redundancy": _UNIT,
+                        "concurrency": positive_int, "max_retries": int_at_least(0), "max_tokens": positive_int,
+                        "n_shots": positive_int, "decontam_ngram": positive_int, "seed": int_at_least(0),
+                        "timeout": positive_number, "connect_timeout": positive_number, "structured": _BOOL,
+                        "mode": one_of(MODES) | None, "base_url": _URL | None, "adapt": _BOOL, "adapt_config": _ADAPT_CONFIG,
+                        "adapt_cache": _FOLDER, "classifier_threshold": number_in(0, 1, closed="right") | None,
+                        "classifier_model": _JUDGE}, own)
         local = self.local  # a small model in this process: free, and it writes better a little cooler and without the tail
         if self.price_per_1k_prompt is None: self.price_per_1k_prompt = 0.0 if local else 0.01
         if self.price_per_1k_completion is None: self.price_per_1k_completion = 0.0 if local else 0.03
         if self.temperature is None: self.temperature = 0.7 if local else 0.9
         if self.top_p is None: self.top_p = 0.9 if local else 1.0
-        for name in ("backoff", "price_per_1k_prompt", "price_per_1k_completion", "temperature", "length_slack"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0: raise ValueError(f"{name} must be a number >= 0, got {v!r}")
-        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1: raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.structured, bool):
-            raise ValueError(f"structured must be True or False, got {self.structured!r}")
-        if self.mode is not None and self.mode not in MODES: raise ValueError(f"mode must be one of {MODES} (or None for the default of the task kind), got {self.mode!r}")
-        if self.base_url is not None and not (isinstance(self.base_url, str) and re.match(r"^https?://", self.base_url)):
-            raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
+        validate(self, {**{n: number_at_least(0) for n in ("backoff", "price_per_1k_prompt", "price_per_1k_completion",
+                                                           "temperature", "length_slack")},
+                        "top_p": number_in(0, 1, closed="right")}, own)
         if not isinstance(self.api_key_env, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env) or self.api_key_env.startswith("sk-"):
-            raise ValueError("api_key_env is the NAME of an environment variable holding the key (e.g. 'OPENAI_API_KEY'), not the key itself")
-        if self.teacher is not None and not callable(self.teacher): raise ValueError(f"teacher must be a callable, got {type(self.teacher).__name__}")
+            raise ValueError(f"{own}.api_key_env: expected the NAME of an environment variable holding the key (e.g. 'OPENAI_API_KEY'), "
+                             "not the key itself")  # the value is not shown: it may be a key
+        if self.teacher is not None and not callable(self.teacher): raise field_error(own, "teacher", "a callable", type(self.teacher).__name__)
+        if self.adapt and not (local and isinstance(tm, (str, os.PathLike))):
+            raise field_error(own, "adapt", "False unless teacher_model is a base model to tune here (an alias or a model folder; "
+                              "no base_url, no teacher callable, not a run or LocalTeacher)", self.adapt)
         self.usage, self.rejected, self.profile, self.quality, self.schema = Usage(), [], None, None, None
         self._seeds, self._task, self._counts, self._stage_io = [], None, Counter(), []
-        self._local_teacher = self.teacher_model if isinstance(self.teacher_model, LocalTeacher) else None
+        self.adapted = None # the `TrainResult` of the teacher adapted to the last `generate`'s seeds (with `adapt`)
+        self._teachers = {teacher_name(tm): tm} if isinstance(tm, LocalTeacher) else {} # name -> loaded `LocalTeacher`
+        self._judges = {} # seed classifiers by run folder
 
     # ---- the teacher
     @property
@@ -939,13 +954,20 @@ class SyntheticPipeline:
 
     @property
     def teacher_name(self) -> str:
-        "The teacher as named in request keys, the cache file name and each example's meta."
+        "The teacher as named in request keys, the cache file name and each example's meta (the adapted run, once adapted)."
+        if self.adapted is not None: return teacher_name(self.adapted)
         return teacher_name(self.teacher_model) if self.local else str(self.teacher_model)
 
-    def local_teacher(self) -> LocalTeacher:
-        "The in-process teacher, loaded on first use and kept."
-        if self._local_teacher is None: self._local_teacher = LocalTeacher(self.teacher_model, device=self.device)
-        return self._local_teacher
+    def local_teacher(self, base:bool=False, # the untuned `teacher_model`, even after adapting
+                     ) -> LocalTeacher:
+        "The in-process teacher (the seed-adapted one after `generate` with `adapt`), loaded on first use and kept."
+        src = self.teacher_model if (base or self.adapted is None) else self.adapted
+        name = teacher_name(src)
+        if name not in self._teachers:
+            keep = {teacher_name(t) for t in (self.teacher_model, self.adapted) if t is not None}  # base and current adapted only
+            self._teachers = {k: v for k, v in self._teachers.items() if k in keep}
+            self._teachers[name] = LocalTeacher(src, device=self.device)
+        return self._teachers[name]
 
     # ---- accounting
     def _cache(self) -> ReplyCache:
@@ -1151,16 +1173,17 @@ def _judge_support(self:SyntheticPipeline, sent:list, cache:ReplyCache, schema:d
 # %% ../nbs/04_augmentation.ipynb #f4770890
 @patch
 def _run_local(self:SyntheticPipeline, todo:list, params:dict, cache:ReplyCache, usage:Usage,
-               schema:dict|None=None) -> list: # constrain the replies to it
+               schema:dict|None=None, # constrain the replies to it
+               base:bool=False) -> list: # ask the untuned teacher (two_step targets after adapting)
     "Answer `todo` with the in-process teacher, `concurrency` requests per batch; each batch goes to the cache when done."
-    teacher = self.local_teacher()
+    teacher = self.local_teacher(base)
     order = sorted(todo, key=lambda r: len(json.dumps(r["messages"])))  # requests of similar length share a batch: less padding
     for i in range(0, len(order), self.concurrency):
         batch, t0 = order[i:i + self.concurrency], time.time()
         outs = teacher.complete([r["messages"] for r in batch], [r["request_seed"] for r in batch], max_new_tokens=params["max_tokens"],
                                 temperature=params["temperature"], top_p=params.get("top_p", 1.0), json_schema=schema)
         for r, o in zip(batch, outs):
-            cache.add({"key": r["key"], "index": r["index"], "seed": self.seed, "model": self.teacher_name, "reply": o["text"],
+            cache.add({"key": r["key"], "index": r["index"], "seed": self.seed, "model": teacher.name, "reply": o["text"],
                        "usage": o["usage"], "finish_reason": o["finish_reason"], "attempts": 1, "batch": len(batch),
                        "latency_s": round(time.time() - t0, 3), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                        **({"constrained": "xgrammar"} if schema is not None else {})})
@@ -1170,11 +1193,13 @@ def _run_local(self:SyntheticPipeline, todo:list, params:dict, cache:ReplyCache,
 
 @patch
 def _fetch(self:SyntheticPipeline, reqs:list, params:dict, cache:ReplyCache, usage:Usage,
-           schema:dict|None=None) -> dict: # constrain the replies to it
+           schema:dict|None=None, # constrain the replies to it
+           base:bool=False) -> dict: # a local teacher: ask the untuned one (after adapting)
     "Replies for `reqs` into `cache`: cached ones are free, the rest go to the teacher; key -> error record of those that failed."
     kparams = {**params, "json_schema": schema} if schema is not None else params  # a constrained request is another request
+    name = teacher_name(self.teacher_model) if (base and self.local) else self.teacher_name
     for r in reqs:
-        r["key"] = request_key(self.teacher_name, r["messages"], kparams, self.seed, r["index"])
+        r["key"] = request_key(name, r["messages"], kparams, self.seed, r["index"])
         r["request_seed"] = int(r["key"][:8], 16) & 0x7FFFFFFF  # from the key: the same request samples the same way on rerun
     todo = [r for r in reqs if r["key"] not in cache]
     usage.requests += len(reqs); usage.cached += len(reqs) - len(todo)
@@ -1183,7 +1208,7 @@ def _fetch(self:SyntheticPipeline, reqs:list, params:dict, cache:ReplyCache, usa
             u = cache.get(r["key"]).get("usage") or {}
             usage.cached_prompt_tokens += u.get("prompt_tokens", 0); usage.cached_completion_tokens += u.get("completion_tokens", 0)
     if not todo: return {}
-    if self.local: errors = self._run_local(todo, params, cache, usage, schema)
+    if self.local: errors = self._run_local(todo, params, cache, usage, schema, base)
     else:
         if self.teacher is None: self._api_key(); _check_reachable(self.base_url, self.connect_timeout)
         rf = known = None
@@ -1207,6 +1232,28 @@ def _mode(self:SyntheticPipeline, kind:str) -> str:
     if mode == "two_step" and kind == "classification":
         raise ValueError("mode 'two_step' is for summarization and QA; a classification task uses 'label' (or 'json')")
     return mode
+
+@patch
+def _check_classifier(self:SyntheticPipeline, kind:str, task):
+    "The classifier stage judges labels: a classification task, with its `Task` (labels and prompt for the classifier)."
+    if self.classifier_threshold is None: return
+    if kind != "classification":
+        raise field_error("SyntheticPipeline", "classifier_threshold", f"None for a {kind} task (the stage judges labels)",
+                          self.classifier_threshold)
+    if task is None:
+        raise field_error("SyntheticPipeline", "classifier_threshold", "None without a task (pass task=: the seed classifier "
+                          "needs its labels and prompt)", self.classifier_threshold)
+
+@patch
+def _adapt(self:SyntheticPipeline, seeds:list, task, description:str, mode:str):
+    "The teacher LoRA-tuned on `seeds` (`adapt_teacher`): trained once per seeds and settings, then found in `adapt_cache`."
+    from vrnx_nb.adapt import adapt_teacher
+    if task is None: raise field_error("SyntheticPipeline", "adapt", "False without a task (pass task=: the teacher is tuned "
+                                       "on its kind, labels and instruction)", self.adapt)
+    if mode == "json": raise field_error("SyntheticPipeline", "adapt", "False in mode 'json' (an adapted teacher writes plain "
+                                         "text: use mode 'label' or 'two_step')", self.adapt)
+    return adapt_teacher(seeds, task, model=self.teacher_model, config=self.adapt_config, description=description,
+                         device=self.device, cache_root=self.adapt_cache)
 
 def _synthetic(r:dict, inp:str, target:str, recs:list, pipe) -> Example:
     return Example(inp, target, id=f"syn-{pipe.seed}-{r['index']}",
@@ -1246,6 +1293,9 @@ def generate(self:SyntheticPipeline,
     self.profile, self._seeds, self._task = profile_seeds(seeds, task), seeds, task
     self.rejected, self._counts, self._stage_io = [], Counter(), []
     mode = self._mode(self.profile.kind)
+    self._check_classifier(self.profile.kind, task)
+    self.adapted = None
+    if self.adapt: self.adapted = self._adapt(seeds, task, task_description, mode)  # cached: the same seeds train once
     self.schema = schema = self._schema(seeds) if mode == "json" and self.structured else None
     if schema is not None and self.local: _import_xgrammar()  # missing: fail now, not after loading the model
     instruction = task.instruction if task is not None else ""
@@ -1280,7 +1330,7 @@ def generate(self:SyntheticPipeline,
         firsts.append((r, rec, new_input))
     if firsts:  # two steps: now the target of each new input, asked the way the task asks it
         second = [build_target_request(r, inp, seeds, instruction or task_description, self.n_shots) for r, _, inp in firsts]
-        failed.update(self._fetch(second, params, cache, usage))
+        failed.update(self._fetch(second, params, cache, usage, base=self.adapted is not None))  # tuned to write inputs only
         for (r, rec1, inp), r2 in zip(firsts, second):
             rec2 = reply(r2, "target_")
             if rec2 is None: continue
@@ -1296,19 +1346,37 @@ def generate(self:SyntheticPipeline,
 from dataclasses import replace as _replace
 
 @patch
+def seed_classifier(self:SyntheticPipeline,
+                    seeds:list, # the seed `Example`s it is trained on
+                    task:Task, # their classification task
+                   ):
+    "The judge of the classifier stage: `classifier_model` when it is a judge or a run, else a `SeedClassifier` tuned on `seeds`."
+    from vrnx_nb.adapt import SeedClassifier, train_seed_classifier
+    cm, tm = self.classifier_model, self.teacher_model
+    if callable(cm) and not hasattr(cm, "output_dir"): return cm
+    if hasattr(cm, "output_dir") or isinstance(cm, (tuple, list)): src = cm  # already trained
+    else:  # LoRA-tuned on the seeds alone (cached by their hash): the classifier's base, else the local teacher's
+        base = cm if cm is not None else tm if (self.local and isinstance(tm, (str, os.PathLike))) else "smollm2-135m"
+        src = train_seed_classifier(seeds, task, model=base, config=self.adapt_config, device=self.device, cache_root=self.adapt_cache)
+    key = id(src) if isinstance(src, (tuple, list)) else teacher_name(src)
+    if key not in self._judges: self._judges = {key: SeedClassifier(src, task)}  # one at a time: each holds a model
+    return self._judges[key]
+
+@patch
 def filter(self:SyntheticPipeline,
            synthetic:list, # examples from `generate` (or any `Example`s)
            max_keep:int|None=None, # keep at most this many (best by MMR); None: all that pass
            seeds:list|None=None, # default: the seeds of the last `generate`
            task:Task|None=None, # default: the task of the last `generate` (for decontamination)
           ) -> list:
-    "Keep the synthetic examples that pass validity, length, duplicate, decontamination, quality and diversity checks."
+    "Keep the synthetic examples that pass validity, length, duplicate, decontamination, (classifier,) quality and diversity checks."
     if max_keep is not None: _positive_int("max_keep", max_keep, 0)
     if seeds is not None: seeds = _check_seeds(seeds, task)
     else: seeds = self._seeds
     if not seeds: raise ValueError("filter needs the seeds: call generate() first or pass seeds=")
     task = task if task is not None else self._task
     profile = self.profile if (self.profile is not None and seeds is self._seeds) else profile_seeds(seeds, task)
+    self._check_classifier(profile.kind, task)
     self.rejected = [r for r in self.rejected if r["stage"] == "generation"]
     self._counts = Counter({k: v for k, v in self._counts.items() if k[0] == "generation"})
     self._stage_io = [s for s in self._stage_io if s[0] == "generation"]
@@ -1380,6 +1448,12 @@ def filter(self:SyntheticPipeline,
         dec = Decontaminator(ev, self.decontam_ngram)
         cands = stage("decontamination", cands, lambda ex: (f"overlaps_{dec(ex.input)}" if dec(ex.input) else None))
     else: self._stage_io.append(("decontamination (no task: skipped)", len(cands), len(cands)))
+    # LAMBADA's filter: the label a classifier trained on the seeds alone gives each example
+    if self.classifier_threshold is not None:
+        from vrnx_nb.adapt import classifier_filter
+        res = classifier_filter(cands, self.seed_classifier(seeds, task), task, self.classifier_threshold)
+        self.rejected += res.rejected; self._counts.update(res.counts); self._stage_io.append(res.stage_io)
+        cands = res.kept
     # quality classifier trained on the seeds
     self.quality = QualityClassifier(seeds, profile.kind, list(profile.labels) or None, seed=self.seed)
     for ex, p in zip(cands, self.quality.score(cands)): ex.meta["quality"] = round(float(p), 4)
@@ -1434,45 +1508,71 @@ def write_jsonl(examples:list, path:str|os.PathLike) -> Path:
         for e in examples: f.write(json.dumps(asdict(e), ensure_ascii=False, default=str) + "\n")
     return path
 
-def main_augment(argv:list|None=None) -> int:
-    "`vrnx augment`: generate and filter synthetic examples for a bundled task."
+LOCAL_TEACHER = "smollm2-135m" # the offline teacher of `vrnx augment` (and the AugmentWizard): embedded, run in this process
+
+def _augment_parser():
     import argparse
-    from vrnx_nb.tasks import load_task
-    p = argparse.ArgumentParser(prog="vrnx augment", description="Grow a task's training set with a teacher model.")
+    d = lambda name: default_of(SyntheticPipeline, name)
+    p = argparse.ArgumentParser(prog="vrnx augment", description="Grow a task's training set with a teacher model. Offline default: "
+                                f"the embedded {LOCAL_TEACHER} in this process, LoRA-tuned on the seeds first (cached), label-conditioned "
+                                "for classification, two steps (input, then target) otherwise.")
     p.add_argument("--task", default="legal", help="bundled task: legal, medical, finance")
     p.add_argument("--n-seed", type=int, default=50, help="seed examples taken from the train split")
     p.add_argument("--target-count", type=int, default=20, help="examples to ask the teacher for")
-    p.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint; default: start a local teacher")
-    p.add_argument("--teacher-model", default=None, help="model name at --base-url, or local model for the local teacher (default smollm2-135m)")
-    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--base-url", default=d("base_url"), help="OpenAI-compatible endpoint; default: the local teacher in this process")
+    p.add_argument("--teacher-model", default=None, help=f"model name at --base-url (default {d('teacher_model')}), or the local "
+                   f"teacher: alias or folder (default {LOCAL_TEACHER})")
+    p.add_argument("--serve", action="store_true", help="the local teacher behind `transformers serve` (HTTP) instead of in this process")
+    p.add_argument("--mode", choices=MODES, default=d("mode"), help="json, label or two_step; default: label (classification) or "
+                   "two_step for a local teacher, json for an endpoint")
+    p.add_argument("--adapt", action=argparse.BooleanOptionalAction, default=None, help="LoRA-tune the local teacher on the seeds "
+                   "first (cached by their hash); default: on for the local teacher in this process, except in mode json")
+    p.add_argument("--classifier-threshold", type=float, default=d("classifier_threshold"), help="classification: keep what a "
+                   "classifier tuned on the seeds gives the asked label with at least this probability (LAMBADA); default off")
+    p.add_argument("--api-key-env", default=d("api_key_env"), help="environment variable holding the API key")
     p.add_argument("--description", default=None, help="what the data is for (default: the task's instruction)")
     p.add_argument("--constraint", action="append", default=[], help="a domain constraint (repeatable)")
-    p.add_argument("--quality-threshold", type=float, default=0.85)
-    p.add_argument("--diversity-weight", type=float, default=0.3)
-    p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=SyntheticPipeline.max_tokens, help="completion limit per request")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quality-threshold", type=float, default=d("quality_threshold"))
+    p.add_argument("--diversity-weight", type=float, default=d("diversity_weight"))
+    p.add_argument("--concurrency", type=int, default=d("concurrency"), help="requests in flight (the batch of a local teacher)")
+    p.add_argument("--max-tokens", type=int, default=d("max_tokens"), help="completion limit per request")
+    p.add_argument("--device", default=d("device"), help="local teacher: cpu, cuda, ...; default the best available")
+    p.add_argument("--seed", type=int, default=d("seed"))
     p.add_argument("--cache", default=None, help="reply cache JSONL (default: under the package cache dir)")
     p.add_argument("--out", default=None, help="kept examples JSONL (default: synthetic_<task>.jsonl)")
-    a = p.parse_args(argv)
+    return p
+
+def main_augment(argv:list|None=None) -> int:
+    "`vrnx augment`: generate and filter synthetic examples for a bundled task."
+    import contextlib
+    from vrnx_nb.tasks import load_task
+    a = _augment_parser().parse_args(argv)
     task = load_task(a.task, n_train=a.n_seed, seed=a.seed)
-    kw = dict(quality_threshold=a.quality_threshold, diversity_weight=a.diversity_weight, concurrency=a.concurrency,
-              max_tokens=a.max_tokens, seed=a.seed, cache_path=a.cache, api_key_env=a.api_key_env)
+    in_process = not a.base_url and not a.serve
+    adapt = a.adapt if a.adapt is not None else (in_process and a.mode != "json")
+    kw = dict(quality_threshold=a.quality_threshold, diversity_weight=a.diversity_weight, concurrency=a.concurrency, mode=a.mode,
+              max_tokens=a.max_tokens, seed=a.seed, cache_path=a.cache, api_key_env=a.api_key_env,
+              classifier_threshold=a.classifier_threshold)
     def run(pipe):
         syn = pipe.generate(task.train, a.target_count, a.description, a.constraint, task=task)
         return syn, pipe.filter(syn)
     try:
-        if a.base_url:
-            pipe = SyntheticPipeline(teacher_model=a.teacher_model or "gpt-4-turbo", base_url=a.base_url, **kw)
+        if adapt and not in_process: raise ValueError("vrnx augment --adapt: the teacher is tuned in this process; leave out --base-url and --serve")
+        with contextlib.ExitStack() as stack:
+            if a.base_url:
+                pipe = SyntheticPipeline(teacher_model=a.teacher_model or default_of(SyntheticPipeline, "teacher_model"), base_url=a.base_url, **kw)
+            elif a.serve:
+                print(f"starting transformers serve with {a.teacher_model or LOCAL_TEACHER} ...", file=sys.stderr)
+                pipe = stack.enter_context(local_teacher(a.teacher_model or LOCAL_TEACHER)).pipeline(**kw)
+            else:
+                pipe = SyntheticPipeline(teacher_model=a.teacher_model or LOCAL_TEACHER, adapt=adapt, device=a.device, **kw)
+                print(f"local teacher {pipe.teacher_model} in this process, " + ("adapted to the seeds first (cached) ..." if adapt
+                      else "prompted ..."), file=sys.stderr)
             syn, kept = run(pipe)
-        else:
-            print(f"starting local teacher {a.teacher_model or 'smollm2-135m'} ...", file=sys.stderr)
-            with local_teacher(a.teacher_model or "smollm2-135m") as ep:
-                pipe = ep.pipeline(**kw)
-                syn, kept = run(pipe)
     except (ValueError, TeacherError) as e:
         print(f"vrnx augment: error: {e}", file=sys.stderr); return 2
     out = write_jsonl(kept, a.out or f"synthetic_{task.name}.jsonl")
     print(pipe.report())
+    if pipe.adapted is not None: print(f"teacher adapted to {len(task.train)} seeds: {pipe.adapted.output_dir}")
     print(f"Generated: {len(syn)}, Retained: {len(kept)} -> {out}")
     return 0

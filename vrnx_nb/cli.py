@@ -65,7 +65,8 @@ def _demo_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-train", type=int, default=200, help="training examples to keep (a limited-data run)")
     p.add_argument("--min-per-label", type=int, default=8, help="classification: keep at least this many examples per label")
     p.add_argument("--gpu-gb", type=float, default=None, help="GPU memory budget; default: plan for this machine")
-    p.add_argument("--augment", type=int, default=0, help="synthetic examples to request from the local teacher (0: skip; slow on a CPU)")
+    p.add_argument("--augment", type=int, default=0, help="synthetic examples to request from the local teacher, adapted to the "
+                   "training examples first (0: skip, the default; minutes on a CPU)")
     p.add_argument("--method", default=None, help="override the recommended method (full, lora, qlora, adapter)")
     p.add_argument("--max-steps", type=int, default=20, help="optimizer steps of 16 examples (a short CPU run)")
     p.add_argument("--score-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
@@ -118,16 +119,18 @@ def main_demo(argv:list|None=None) -> int:
     strategy = recommend(n_examples=len(task.train), gpu_memory_gb=args.gpu_gb, model=args.model, label_counts=counts)
     print(f"\n[2/6] Recommended strategy for {len(task.train)} examples:\n{strategy!r}\n")
     if args.augment > 0:
-        from vrnx_nb.augmentation import local_teacher
-        print(f"[3/6] Augmenting with the local teacher ({args.model} on transformers serve), {args.augment} requests:")
-        with local_teacher(args.model) as teacher:
-            pipeline = teacher.pipeline(cache_path=str(out/"teacher_replies.jsonl"), max_tokens=160)
-            synthetic = pipeline.generate(task.train, target_count=args.augment, task=task)
-            kept = pipeline.filter(synthetic)
-        print(f"Generated: {len(synthetic)}, Retained: {len(kept)}\n{pipeline.report()!r}\n")
+        from vrnx_nb.augmentation import SyntheticPipeline
+        print(f"[3/6] Augmenting with {args.model} in this process, LoRA-tuned on the {len(task.train)} training examples first "
+              f"(cached), {args.augment} requests:")
+        pipeline = SyntheticPipeline(teacher_model=args.model, adapt=True, adapt_cache=str(out/"adapted"), max_tokens=160,
+                                     cache_path=str(out/"teacher_replies.jsonl"))
+        synthetic = pipeline.generate(task.train, target_count=args.augment, task=task)
+        kept = pipeline.filter(synthetic)
+        print(f"Teacher adapted in {pipeline.adapted.wall_time_s:.0f}s ({pipeline.adapted.output_dir}); "
+              f"generated: {len(synthetic)}, retained: {len(kept)}\n{pipeline.report()!r}\n")
         if kept: task = task.with_train(task.train + kept)
     else: print("[3/6] Augmentation skipped: the embedded 135M teacher is slow on a CPU and keeps few of its replies "
-                "(bench/results/augment_throughput.csv); `--augment 8` runs it, or point `vrnx augment --base-url` at a bigger teacher\n")
+                "(bench/results/augment_throughput.csv); `--augment 8` runs it, adapted to the seeds, or point `vrnx augment --base-url` at a bigger teacher\n")
     print(f"[4/6] Zero-shot score on {args.eval_limit or len(task.test)} test examples:")
     zero = evaluate((model, tokenizer), task, limit=args.eval_limit, method="zero-shot", save_dir=out, calibration=None)
     print("  " + zero.summary() + "\n")

@@ -289,7 +289,8 @@ def synthetic_examples(cfg:ExperimentConfig, # an augmented config
     t0 = time.time()
     common = dict(quality_threshold=cfg.quality_threshold, seed=cfg.seed, max_tokens=SYNTH_MAX_TOKENS, concurrency=8,
                   cache_path=str(path.parent/f"replies-{re.sub(r'[^A-Za-z0-9_.-]+', '_', cfg.teacher)[-60:]}.jsonl"),
-                  price_per_1k_prompt=0.0, price_per_1k_completion=0.0)
+                  price_per_1k_prompt=0.0, price_per_1k_completion=0.0, classifier_threshold=cfg.classifier_threshold,
+                  classifier_model=cfg.model, adapt_cache=str(Path(cache)/"adapted"))  # the classifier stage: LAMBADA's filter
     def run(pipe):
         syn = pipe.generate(task.train, cfg.augment, task=task)
         return syn, (pipe.filter(syn) if syn else [])
@@ -298,7 +299,6 @@ def synthetic_examples(cfg:ExperimentConfig, # an augmented config
     else:
         with local_teacher(cfg.teacher) as ep: syn, kept = run(ep.pipeline(**common))
     n_pipeline = len(kept)
-    if cfg.classifier_threshold and kept: kept = _classifier_kept(cfg, task, kept, cache)
     _atomic_write(path, "".join(json.dumps(asdict(e), ensure_ascii=False, default=str) + "\n" for e in kept))
     meta = {"requested": cfg.augment, "generated": len(syn), "kept_by_pipeline": n_pipeline, "kept": len(kept),
             "seconds": round(time.time() - t0, 1), **_synth_key(cfg)}

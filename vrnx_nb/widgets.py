@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, asdict, is_dataclass
 from pathlib import Path
 from fastcore.basics import patch
 from typing import Any, Callable
+from .checks import check_field, field_error, one_of
 
 # %% auto #0
 __all__ = ['GPU_PRESETS', 'EXAMPLE_STEPS', 'TEACHERS', 'WARN_COLOR', 'require_widgets', 'fig_png', 'StrategyState',
@@ -260,7 +261,7 @@ class BackgroundRun:
     def __repr__(self): return f"BackgroundRun({self.name!r}, {self.status}{': ' + self.error if self.error else ''})"
 
 # %% ../nbs/08_widgets.ipynb #0e076b50
-TEACHERS = ("local", "url", "callable")
+TEACHERS = ("adapted", "local", "serve", "url", "callable") # in this process tuned on the seeds / prompted, transformers serve, endpoint, callable
 
 @dataclass
 class AugmentState:
@@ -268,8 +269,9 @@ class AugmentState:
     task: Any # a `Task`: its train split are the seeds, its val/test are protected from leaks
     description: str = "" # one sentence on what the data is for; default: the task's instruction
     constraints: str = "" # domain rules for every example, one per line
-    teacher: str = "local" # 'local' (transformers serve), 'url' (OpenAI-compatible endpoint) or 'callable'
-    local_model: str = "smollm2-135m" # model the local teacher serves
+    teacher: str = "adapted" # 'adapted' (local, LoRA-tuned on the seeds), 'local' (prompted), 'serve' (HTTP), 'url' or 'callable'
+    local_model: str = "smollm2-135m" # the local teacher ('adapted', 'local', 'serve'): alias or model folder
+    mode: str|None = None # 'label', 'two_step' or 'json'; None: the pipeline's default for the task kind and teacher
     base_url: str = "" # endpoint for teacher='url', e.g. https://api.openai.com/v1
     teacher_model: str = "gpt-4o-mini" # model name sent to the endpoint
     teacher_fn: Callable|None = field(default=None, repr=False) # in-process teacher `fn(messages, request) -> str`
@@ -287,8 +289,12 @@ class AugmentState:
     def check(self):
         "Raise ValueError naming the first input that is wrong."
         from vrnx_nb.tasks import Task
+        from vrnx_nb.augmentation import MODES
         if not isinstance(self.task, Task): raise ValueError(f"task must be a Task, got {type(self.task).__name__}")
-        if self.teacher not in TEACHERS: raise ValueError(f"teacher must be one of {TEACHERS}, got {self.teacher!r}")
+        check_field("AugmentState", "teacher", self.teacher, one_of(TEACHERS))
+        check_field("AugmentState", "mode", self.mode, one_of(MODES) | None)
+        if self.teacher == "adapted" and self.mode == "json":
+            raise field_error("AugmentState", "mode", "'label', 'two_step' or None for the adapted teacher (it writes plain text)", self.mode)
         if self.teacher == "url" and not str(self.base_url).startswith(("http://", "https://")):
             raise ValueError(f"teacher 'url' needs an endpoint starting with http:// or https://, got {self.base_url!r}")
         if self.teacher == "callable" and not callable(self.teacher_fn): raise ValueError("teacher 'callable' needs teacher_fn")
@@ -303,9 +309,12 @@ class AugmentState:
         "A `SyntheticPipeline` for the chosen teacher; servers and key variables are cleaned up by `stack`."
         from vrnx_nb.augmentation import SyntheticPipeline
         from vrnx_nb.serving import local_teacher
-        kw = {"seed": self.seed, "cache_path": self.cache_path, "quality_threshold": self.quality_threshold, **self.pipeline_kwargs}
+        kw = {"seed": self.seed, "cache_path": self.cache_path, "quality_threshold": self.quality_threshold, "mode": self.mode,
+              **self.pipeline_kwargs}
         if self.teacher == "callable": return SyntheticPipeline(teacher=self.teacher_fn, teacher_model="in-process", **kw)
-        if self.teacher == "local": return stack.enter_context(local_teacher(self.local_model)).pipeline(**kw)
+        if self.teacher in ("adapted", "local"):  # in this process: no server; 'adapted' tunes it on the seeds first (cached)
+            return SyntheticPipeline(teacher_model=self.local_model, adapt=self.teacher == "adapted", **kw)
+        if self.teacher == "serve": return stack.enter_context(local_teacher(self.local_model)).pipeline(**kw)
         env = f"VRNX_TEACHER_KEY_{uuid.uuid4().hex[:12].upper()}"
         if api_key:
             os.environ[env] = api_key
@@ -381,8 +390,11 @@ class AugmentWizard(_View):
         lay = W.Layout(width="95%")
         self.description = self._css(W.Textarea(s.description, placeholder=task.instruction, description="task", layout=lay), "description")
         self.constraints = self._css(W.Textarea(s.constraints, placeholder="one rule per line", description="constraints", layout=lay), "constraints")
-        opts = [("local (transformers serve)", "local"), ("URL (OpenAI-compatible)", "url")] + ([("in-process callable", "callable")] if teacher_fn else [])
+        opts = [("local, adapted to the seeds", "adapted"), ("local, prompted", "local"), ("local via transformers serve", "serve"),
+                ("URL (OpenAI-compatible)", "url")] + ([("in-process callable", "callable")] if teacher_fn else [])
         self.teacher = self._css(W.Dropdown(options=opts, value=s.teacher, description="teacher"), "teacher")
+        self.mode = self._css(W.Dropdown(options=[("task default", ""), ("label", "label"), ("two_step", "two_step"), ("json", "json")],
+                                         value=s.mode or "", description="mode"), "mode")
         self.local_model = W.Text(s.local_model, description="local model")
         self.base_url = self._css(W.Text(s.base_url, placeholder="https://api.openai.com/v1", description="URL"), "url")
         self.teacher_model = W.Text(s.teacher_model, description="model")
@@ -400,7 +412,7 @@ class AugmentWizard(_View):
         self.stop_button.on_click(lambda b: self.state.runner.stop())
         self.state.on_update = lambda st: self.refresh()
         self.box = self._css(W.VBox([W.HTML(f"<b>Synthetic data for <code>{_esc(task.name)}</code></b> ({len(task.train)} seeds)"),
-                                     self.description, self.constraints, self.teacher, self.local_model, self.url_box,
+                                     self.description, self.constraints, self.teacher, self.mode, self.local_model, self.url_box,
                                      self.target_count, self.quality, W.HBox([self.run_button, self.stop_button]),
                                      W.HBox([self.progress, self.status]), self.table]), "box")
         self._show_teacher(); self.refresh()
@@ -408,12 +420,13 @@ class AugmentWizard(_View):
     def _show_teacher(self):
         t = self.teacher.value
         self.url_box.layout.display = None if t == "url" else "none"
-        self.local_model.layout.display = None if t == "local" else "none"
+        self.local_model.layout.display = None if t in ("adapted", "local", "serve") else "none"
 
     def _sync(self):
         "Copy the form into the state."
         s = self.state
         s.description, s.constraints, s.teacher = self.description.value, self.constraints.value, self.teacher.value
+        s.mode = self.mode.value or None
         s.local_model, s.base_url, s.teacher_model = self.local_model.value.strip(), self.base_url.value.strip(), self.teacher_model.value.strip()
         s.target_count, s.quality_threshold = self.target_count.value, self.quality.value
 
@@ -426,7 +439,8 @@ class AugmentWizard(_View):
             self.status.value = f'<span style="color:#b00">{_esc(e)}</span>'; return
         self.progress.max, self.progress.value = self.state.target_count, 0
         self.run_button.disabled, self.stop_button.disabled = True, False
-        self.status.value = "starting the teacher ..." if self.state.teacher == "local" else "running ..."
+        self.status.value = {"adapted": "adapting the teacher to the seeds (cached) ...", "local": "loading the teacher ...",
+                             "serve": "starting the teacher ..."}.get(self.state.teacher, "running ...")
         self.state.start(api_key=key or None, on_end=lambda r: self.refresh())
         del key
 
