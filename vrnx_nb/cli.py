@@ -130,7 +130,7 @@ def main_demo(argv:list|None=None) -> int:
               f"generated: {len(synthetic)}, retained: {len(kept)}\n{pipeline.report()!r}\n")
         if kept: task = task.with_train(task.train + kept)
     else: print("[3/6] Augmentation skipped: the embedded 135M teacher is slow on a CPU and keeps few of its replies "
-                "(bench/results/augment_throughput.csv); `--augment 8` runs it, adapted to the seeds, or point `vrnx augment --base-url` at a bigger teacher\n")
+                "(bench/results/augment_throughput.csv); `--augment 8` runs it, or point `vrnx augment --base-url` at a bigger teacher\n")
     print(f"[4/6] Zero-shot score on {args.eval_limit or len(task.test)} test examples:")
     zero = evaluate((model, tokenizer), task, limit=args.eval_limit, method="zero-shot", save_dir=out, calibration=None)
     print("  " + zero.summary() + "\n")
