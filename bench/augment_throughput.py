@@ -5,13 +5,16 @@ One run per (mode, batch size), the same requests in each (same seeds, no reply 
 across batch sizes up to batched-kernel rounding and the difference is throughput. Modes:
 - `label`: label-conditioned (the pipeline picks the label, rare labels first; the teacher writes only the clause);
 - `json`: the teacher writes a JSON object, held to the task's schema by constrained decoding when xgrammar is
-  installed (else free decoding: the row's `constrained` column says which).
+  installed (else free decoding: the row's `constrained` column says which);
+- `label-adapted`: label-conditioned, from the teacher LoRA-tuned on the seeds first (`vrnx_nb.adapt.adapt_teacher`,
+  the offline default of `vrnx augment`; cached by the seeds' hash, its one-off tuning time in `adapt_s`, not in the
+  per-minute figures).
 
 Writes bench/results/augment_throughput.csv (one row per run; `load_avg_1m_at_start` is the CPU load when it began)
 and prints last, per mode, the parsed share (target >= 95%), the kept share after the filter (the paper reports
 60-70%) and the kept-per-minute ratio of batch 8 to batch 1 (target >= 3x).
 
-    .venv/bin/python bench/augment_throughput.py                          # legal, 16 requests, 96 tokens, both modes
+    .venv/bin/python bench/augment_throughput.py                          # legal, 16 requests, 96 tokens, all modes
     .venv/bin/python bench/augment_throughput.py --modes label --n 8      # quicker
     .venv/bin/python bench/augment_throughput.py --model tiny --n 4 --max-tokens 16 --out /tmp/a.csv   # script check
 """
@@ -38,10 +41,11 @@ def stage_counts(pipe) -> dict:
     return {f"after_{s}": io.get(s, io.get(f"{s} (no task: skipped)", "")) for s in STAGES}
 
 
-def run(teacher, task, mode, n, batch, max_tokens, seed, n_shots):
+def run(teacher, task, mode, n, batch, max_tokens, seed, n_shots, adapt_s=None):
     "Generate `n` requests with `batch` in flight, filter them, and return the CSV row."
     from vrnx_nb.augmentation import SyntheticPipeline
-    pipe = SyntheticPipeline(teacher_model=teacher, mode=mode, concurrency=batch, max_tokens=max_tokens, cache_path=False,
+    pipe = SyntheticPipeline(teacher_model=teacher, mode=mode.removesuffix("-adapted"), concurrency=batch,
+                             max_tokens=max_tokens, cache_path=False,
                              seed=seed, n_shots=n_shots, structured=constrained_available())
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
@@ -51,6 +55,7 @@ def run(teacher, task, mode, n, batch, max_tokens, seed, n_shots):
     wall = time.perf_counter() - t0
     u = pipe.usage
     row = {"mode": mode, "constrained": mode == "json" and constrained_available(), "batch": batch, "requests": n,
+           "adapt_s": "" if adapt_s is None else round(adapt_s, 1),
            "max_tokens": max_tokens, "cpu_count": os.cpu_count(), "load_avg_1m_at_start": round(load, 2),
            "parsed": len(syn), "parsed_share": round(len(syn)/n, 3), "kept": len(kept), "kept_share": round(len(kept)/n, 3),
            "generate_s": round(t_gen, 2), "wall_s": round(wall, 2), "completion_tokens": u.completion_tokens,
@@ -87,7 +92,7 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=16, help="requests per run")
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--n-shots", type=int, default=2, help="few-shot seeds per request")
-    ap.add_argument("--modes", default="label,json")
+    ap.add_argument("--modes", default="label,json,label-adapted")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None)
@@ -95,11 +100,15 @@ def main(argv=None):
     a = ap.parse_args(argv)
     from vrnx_nb.augmentation import LocalTeacher
     task = load_task(a.task, n_train=a.n_seed, seed=a.seed)
-    teacher = LocalTeacher(a.model, device=a.device)
-    rows = []
+    teacher, rows = LocalTeacher(a.model, device=a.device), []
     for mode in a.modes.split(","):
+        adapt_s = None
+        if mode.endswith("-adapted"):
+            from vrnx_nb.adapt import adapt_teacher
+            t0 = time.perf_counter(); adapted = adapt_teacher(task.train, task, a.model, device=a.device)
+            adapt_s, teacher = time.perf_counter() - t0, LocalTeacher(adapted, device=a.device)
         for batch in (int(b) for b in a.batches.split(",")):
-            row, pipe = run(teacher, task, mode, a.n, batch, a.max_tokens, a.seed, a.n_shots)
+            row, pipe = run(teacher, task, mode, a.n, batch, a.max_tokens, a.seed, a.n_shots, adapt_s)
             rows.append(row)
             print(f"{mode} batch {batch}: {row}", flush=True)
     out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True)
