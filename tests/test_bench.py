@@ -125,3 +125,22 @@ def test_augment_summary_reads_shares_and_the_batch_ratio():
     assert json_line.startswith("json: parsed 50%") and "batch 8" not in json_line  # one batch size: no ratio
     nothing_kept = [row("label", 1, 1.0, 0.0, 10.0, 0.0), row("label", 8, 1.0, 0.0, 25.0, 0.0)]
     assert "parsed per min at batch 8 vs 1: 25.0 / 10.0 = 2.50x" in at.summary(nothing_kept)[0]
+
+
+# ---- bench/memory_accuracy.py ----
+
+ma = _load("memory_accuracy")
+
+def _raw(malloc, mallopt, **kw):
+    return {"method": "lora", "checkpointing": False, "baseline_gb": 0.64, "peak_gb": 5.0, "trainable": 4884480, "step_s": 7.0,
+            "note": "", "malloc": malloc, "mallopt": mallopt, "batch": 4, "seq": 256, "steps": 2, "r": 16,
+            "heap_free_at_peak_gb": 1.9, **kw}
+
+def test_memory_accuracy_estimates_each_setting_with_its_allocator():
+    dflt, rel = ma.compare(_raw("default", False)), ma.compare(_raw("release", True, peak_gb=3.1, heap_free_at_peak_gb=0.02))
+    assert dflt["est_retained_gb"] > 1 and rel["est_retained_gb"] == 0  # glibc's heap keeps freed blocks; released: nothing
+    assert dflt["estimated_gb"] == pytest.approx(rel["estimated_gb"] + dflt["est_retained_gb"], abs=2e-3)
+    assert dflt["rel_error"] == pytest.approx((dflt["estimated_gb"] - 5.0) / 5.0, abs=1e-3)
+    assert dflt["heap_free_at_peak_gb"] == 1.9 and dflt["sys_s_per_step"] is None  # fields a run did not record stay empty
+    assert ma.MALLOCS == ("default", "release")
+    with pytest.raises(SystemExit): ma.main(["--malloc", "glibc", "--runs", "lora"])

@@ -80,3 +80,26 @@ def test_shipped_hub_ids_work_offline_and_bad_files_are_clear(monkeypatch, tmp_p
     with pytest.raises(ValueError, match="not a JSON config"): load_config(bad)
     bad.write_text('{"model_type": "no-such-arch", "hidden_size": 8}')
     with pytest.raises(ValueError, match="unknown model_type"): load_config(tmp_path)
+
+def test_cpu_estimate_counts_the_freed_memory_glibc_keeps():
+    from vrnx_nb.memory import HEAP_RETAINED, MMAP_THRESHOLD_MAX, heap_activation_bytes
+    pc = count_params("smollm2-135m")
+    kw = dict(batch_size=4, seq_len=256, dtype="float32")
+    for m in METHODS:
+        dflt = estimate_memory("smollm2-135m", m, device="cpu", **kw)
+        rel = estimate_memory("smollm2-135m", m, device="cpu", allocator="release", **kw)
+        n_t = len(pc.lora_targets()) // pc.n_layers if m in ("lora", "qlora") else 0
+        assert dflt.retained == pytest.approx(HEAP_RETAINED[m] * heap_activation_bytes(pc, m, 16, n_t, 1024, 4) / GB)
+        assert dflt.retained > 0 and rel.retained == 0 and dflt.total == pytest.approx(rel.total + dflt.retained)
+        assert (dflt.weights, dflt.activations) == (rel.weights, rel.activations)  # only the allocator's part differs
+        assert estimate_memory("smollm2-135m", m, device="cuda", **kw).retained == 0  # torch's caching allocator: overhead
+        assert dflt.assumptions["allocator"] == "default" and "retained" in dflt.as_dict() and "retained" not in rel.as_dict()
+    # every saved tensor of a 4 x 256 batch is heap-sized; at 8,192 tokens the intermediate-width ones (1536 x 8192 x 4
+    # bytes = 48 MiB) are mapped apart and returned on free, so only the narrower ones count
+    assert heap_activation_bytes(pc, "lora", 16, 7, 1024, 4) == 30 * 1024 * 4 * (6*576 + 4*1536 + 2*192 + 9 + 7*16)
+    assert 1536 * 8192 * 4 >= MMAP_THRESHOLD_MAX > 576 * 8192 * 4
+    assert heap_activation_bytes(pc, "lora", 16, 7, 8192, 4) == 30 * 8192 * 4 * (6*576 + 2*192 + 9 + 7*16)
+    ck = heap_activation_bytes(pc, "lora", 16, 7, 1024, 4, gradient_checkpointing=True)
+    assert ck == 30 * 1024 * 4 * 576 + 1024 * 4 * (6*576 + 4*1536 + 2*192 + 9 + 7*16)
+    with pytest.raises(ValueError, match=r"estimate_memory\.allocator: expected one of \['default', 'release'\], got 'jemalloc'"):
+        estimate_memory("smollm2-135m", "lora", device="cpu", allocator="jemalloc")

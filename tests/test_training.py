@@ -97,6 +97,34 @@ def test_shared_prefix_trains_like_full_sequences(task, tmp_path):
     losses = [[h["loss"] for h in r.history if h["split"] == "train"] for r in runs]
     assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], abs=1e-4)
 
+def test_logits_only_at_completion_match_full_logits(task, tmp_path):
+    "VrnxTrainer's loss (logits only where a completion token follows) and its gradients equal the model's own to 1e-5."
+    from transformers import TrainingArguments
+    from peft import LoraConfig, get_peft_model
+    from vrnx_nb.training import VrnxTrainer, completion_positions
+    model, tok = tiny_model()
+    torch.manual_seed(0)
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).train()
+    trainer = VrnxTrainer(model=lora, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]),
+                          processing_class=tok)
+    assert trainer.sliced_logits
+    rows, _ = tokenize_split(task, "train", tok, limit=3)
+    for batch in (PaddedCollator(tok.pad_token_id)(rows), PackedCollator(ONE_ROW)(rows)):
+        keep = completion_positions(batch["labels"])
+        assert 0 < keep.sum() < keep.numel() // 4  # few positions reach the vocabulary
+        def run(sliced):
+            lora.zero_grad(); trainer.sliced_logits = sliced
+            loss = trainer.compute_loss(lora, {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()})
+            loss.backward()
+            return loss.item(), [p.grad.clone() for p in lora.parameters() if p.requires_grad]
+        (fast, g_fast), (full, g_full) = run(True), run(False)
+        x = {k: v for k, v in batch.items() if k not in ("labels", "real_tokens", "token_weights")}
+        with torch.no_grad(): own = lora(**x, labels=batch["labels"]).loss.item()
+        assert fast == pytest.approx(own, abs=1e-5) and full == pytest.approx(own, abs=1e-5)
+        assert len(g_fast) == len(g_full) > 0
+        assert max((a - b).abs().max().item() for a, b in zip(g_fast, g_full)) < 1e-5
+        assert max(g.abs().max().item() for g in g_fast) > 1e-4  # the gradients compared are not all zero
+
 # --- bad input ---
 
 def test_unknown_method_and_bad_rank(task, tmp_path):
@@ -349,3 +377,45 @@ def test_truncation_cuts_the_middle_and_keeps_question_and_answer(tiny, tmp_path
                                          rf"truncated: {n_cut} lost the middle of their input .*; the largest cut: example {i} "
                                          rf"\(id {id_}\): {n:,} of {of:,} input tokens cut from the middle"):
         finetune("tiny", task, method="lora", r=4, max_length=cap, max_steps=1, max_val_examples=2, output_dir=tmp_path, device="cpu")
+
+
+# --- freed memory back to the OS (CPU, glibc) ---
+
+_FRAGMENT = """
+import sys, psutil, torch
+from vrnx_nb.training import release_freed_memory
+if sys.argv[1] == "release": print("applied", release_freed_memory())
+warm = torch.ones(4 * 2**20); del warm  # one 16 MB tensor freed: glibc's dynamic threshold rises past 4 MB
+proc = psutil.Process(); before = proc.memory_info().rss
+big, small = [], []
+for _ in range(64): big.append(torch.ones(2**20)); small.append(torch.ones(2**13))  # 4 MB blocks between live 32 KB ones
+grown = proc.memory_info().rss - before
+del big
+print(grown, proc.memory_info().rss - before)
+"""
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_release_freed_memory_hands_freed_tensors_back():
+    def run(mode):
+        out = subprocess.run([sys.executable, "-c", _FRAGMENT, mode], capture_output=True, text=True, env=ENV, check=True).stdout
+        return out, [int(x) for x in out.split()[-2:]]
+    _, (grown, held) = run("glibc")
+    assert grown > 200e6 and held > 0.8 * grown  # glibc's own settings: the freed 256 MB stay resident
+    out, (grown, held) = run("release")
+    assert "applied True" in out and grown > 200e6 and held < 0.1 * grown
+
+def test_finetune_releases_freed_memory_on_the_cpu_when_asked(task, tmp_path, monkeypatch):
+    import vrnx_nb.training as T
+    calls = []
+    monkeypatch.setattr(T, "release_freed_memory", lambda *a, **k: calls.append(a) or True)
+    for on in (True, False):
+        calls.clear()
+        res = finetune("tiny", task, method="lora", r=4, max_steps=1, max_val_examples=2, release_memory=on,
+                       output_dir=tmp_path/str(on), device="cpu")
+        assert len(calls) == int(on) and res.config["release_memory"] is on
+    # not part of what is trained: the run's hash is the same either way
+    assert TrainConfig(release_memory=True).fingerprint() == TrainConfig().fingerprint()
+    with pytest.raises(ValueError, match=r"TrainConfig\.release_memory: expected True or False, got 1"): TrainConfig(release_memory=1)
+    from vrnx_nb.training import _train_parser
+    assert _train_parser().parse_args(["--release-memory"]).release_memory is True
+    assert _train_parser().parse_args([]).release_memory is False and TrainConfig().release_memory is False

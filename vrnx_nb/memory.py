@@ -12,9 +12,10 @@ from pathlib import Path
 from .checks import check_field, field_error, missing_fields, positive_int, number_at_least, one_of
 
 # %% auto #0
-__all__ = ['GB', 'CONFIG_DIR', 'REQUIRED_FIELDS', 'METHODS', 'ATTENTION', 'CPU_BASELINE_GB', 'PAPER_TABLE_2_1',
-           'available_models', 'load_config', 'ParamCounts', 'count_params', 'MemoryEstimate', 'trainable_params',
-           'attention_bytes', 'estimate_memory', 'saved_activation_elems', 'memory_table', 'plot_memory']
+__all__ = ['GB', 'CONFIG_DIR', 'REQUIRED_FIELDS', 'METHODS', 'ATTENTION', 'CPU_BASELINE_GB', 'MMAP_THRESHOLD_MAX', 'ALLOCATORS',
+           'HEAP_RETAINED', 'PAPER_TABLE_2_1', 'available_models', 'load_config', 'ParamCounts', 'count_params',
+           'MemoryEstimate', 'trainable_params', 'attention_bytes', 'heap_activation_bytes', 'estimate_memory',
+           'saved_activation_elems', 'memory_table', 'plot_memory']
 
 # %% ../nbs/02_memory.ipynb #e811a2b8
 GB = 1e9  # decimal gigabytes, as GPU sizes and the paper quote them
@@ -170,11 +171,14 @@ class MemoryEstimate:
     trainable_params: int
     total_params: int
     assumptions: dict = field(default_factory=dict)
+    retained: float = 0.0 # freed activation memory glibc's heap keeps resident (CPU, default malloc settings)
 
     @property
-    def total(self) -> float: return self.weights + self.trainable + self.gradients + self.optimizer + self.activations + self.overhead
+    def total(self) -> float:
+        return self.weights + self.trainable + self.gradients + self.optimizer + self.activations + self.retained + self.overhead
     def as_dict(self) -> dict:
-        return {k: round(getattr(self, k), 3) for k in ("weights", "trainable", "gradients", "optimizer", "activations", "overhead", "total")}
+        parts = ("weights", "trainable", "gradients", "optimizer", "activations", "retained", "overhead", "total")
+        return {k: round(getattr(self, k), 3) for k in parts if k != "retained" or self.retained}  # retained: CPU only
     def __repr__(self):
         parts = ", ".join(f"{k} {v:.2f}" for k, v in self.as_dict().items() if k != "total")
         return f"MemoryEstimate({self.model}, {self.method}: {self.total:.2f} GB = {parts})"
@@ -194,12 +198,16 @@ def trainable_params(pc:ParamCounts, method:str, r:int=16, target_modules=None) 
     if method == "adapter": return pc.n_layers * 2 * (2*pc.hidden*r + pc.hidden + r)
     raise field_error("trainable_params", "method", f"one of {list(METHODS)}", method)
 
+def _activation_widths(pc:ParamCounts, method:str, r:int, n_targets:int) -> list:
+    "(count, width) of the per-token tensors autograd saves in one decoder block (Llama blocks, SDPA attention)."
+    h, i, kv, a = pc.hidden, pc.intermediate, pc.kv_dim, pc.heads
+    if method == "full": return [(8, h), (4, i), (2, kv), (1, a)]
+    if method in ("lora", "qlora"): return [(6, h), (4, i), (2, kv), (1, a), (n_targets, r)]
+    return [(6, h), (3, i), (2, kv), (4, r)]
+
 def _activation_elems(pc:ParamCounts, method:str, r:int, n_targets:int) -> int:
     "Elements autograd saves per token in one decoder block (Llama blocks, SDPA attention)."
-    h, i, kv, a = pc.hidden, pc.intermediate, pc.kv_dim, pc.heads
-    if method == "full": return 8*h + 4*i + 2*kv + a
-    if method in ("lora", "qlora"): return 6*h + 4*i + 2*kv + a + r*n_targets
-    return 6*h + 3*i + 2*kv + 4*r
+    return sum(c*w for c, w in _activation_widths(pc, method, r, n_targets))
 
 ATTENTION = ("sdpa", "flash", "eager")
 
@@ -218,6 +226,20 @@ def attention_bytes(pc:ParamCounts, # the model's counts
     return float(mask + scores + (sq if attention == "eager" and not packed else 0))
 
 CPU_BASELINE_GB = 0.45  # RSS of python + torch + transformers + peft after import, measured on this machine
+MMAP_THRESHOLD_MAX = 32*2**20 # glibc (64-bit): blocks this big or bigger are always mapped apart and unmapped when freed
+ALLOCATORS = ("default", "release")
+# freed heap memory at the peak / heap-served activations, glibc 2.36 defaults: bench/results/memory_accuracy.csv
+# (SmolLM2-135M, fp32, batch 4 x 256; checked at 2 x 256). LoRA's small gradients leave the freed blocks unfilled;
+# full fine-tuning's weight gradients reuse them; QLoRA adds the 4-bit layers' dequantized weights, freed every matmul.
+HEAP_RETAINED = dict(full=0.39, lora=1.54, qlora=1.93, adapter=0.72)
+
+def heap_activation_bytes(pc:ParamCounts, method:str, r:int, n_targets:int, tokens:int, e:int,
+                          gradient_checkpointing:bool=False) -> float:
+    "Bytes of saved block activations in tensors under `MMAP_THRESHOLD_MAX`: the ones glibc's heap serves by default."
+    heap = lambda widths: sum(c*w*tokens*e for c, w in widths if w*tokens*e < MMAP_THRESHOLD_MAX)
+    per_block = heap(_activation_widths(pc, method, r, n_targets))
+    if gradient_checkpointing: return pc.n_layers*heap([(1, pc.hidden)]) + per_block
+    return float(pc.n_layers*per_block)
 
 def estimate_memory(model="smollm2-135m", # model name/path/config (see `load_config`)
                     method:str="lora", # 'full', 'lora', 'qlora' or 'adapter'
@@ -234,6 +256,7 @@ def estimate_memory(model="smollm2-135m", # model name/path/config (see `load_co
                     packed:bool=False, # each row packs several examples (per-example positions): SDPA then needs a mask
                     attention:str="sdpa", # 'sdpa' (memory-efficient kernels), 'flash' (varlen: no mask) or 'eager'
                     loss_tokens:int|None=None, # positions projected onto the vocabulary; default every token
+                    allocator:str="default", # CPU: 'default' (glibc as started: freed activations stay resident) or 'release'
                    ) -> MemoryEstimate:
     "Estimated peak memory of fine-tuning `model` with `method`, from its config alone."
     o = "estimate_memory"
@@ -244,6 +267,7 @@ def estimate_memory(model="smollm2-135m", # model name/path/config (see `load_co
     check_field(o, "overhead_gb", overhead_gb, number_at_least(0), none_ok=True)
     check_field(o, "attention", attention, one_of(ATTENTION))
     check_field(o, "loss_tokens", loss_tokens, positive_int, none_ok=True)
+    check_field(o, "allocator", allocator, one_of(ALLOCATORS))
     pc, e = count_params(model), _DTYPE_BYTES[_dtype_name(dtype)]
     name = model if isinstance(model, str) else getattr(model, "_name_or_path", None) or type(model).__name__
     n_train = trainable_params(pc, method, r, target_modules)
@@ -265,11 +289,13 @@ def estimate_memory(model="smollm2-135m", # model name/path/config (see `load_co
     if method == "full":  # block gradients appear in backward as block activations are freed: only the excess adds to the peak
         grads = max((pc.embedding + pc.lm_head)*e, grads - acts)
     overhead = overhead_gb*GB if overhead_gb is not None else (CPU_BASELINE_GB*GB if device == "cpu" else 1.0*GB)
+    retained = (HEAP_RETAINED[method]*heap_activation_bytes(pc, method, r, n_targets, tokens, e, gradient_checkpointing)
+                if device == "cpu" and allocator == "default" else 0.0)
     assumptions = dict(batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing, optimizer=optimizer,
                        dtype=_dtype_name(dtype), device=device, r=r, double_quant=double_quant, attention=attention,
-                       packed=packed, loss_tokens=loss_tokens or tokens)
+                       packed=packed, loss_tokens=loss_tokens or tokens, allocator=allocator)
     return MemoryEstimate(name, method, weights/GB, trainable/GB, grads/GB, opt/GB, acts/GB, overhead/GB,
-                          n_train, pc.total, assumptions)
+                          n_train, pc.total, assumptions, retained/GB)
 
 # %% ../nbs/02_memory.ipynb #a3842fbf
 def saved_activation_elems(config, # a small transformers config to build and run (CPU, fp32)
@@ -331,7 +357,7 @@ def memory_table(batch_size:int=1, # sequences per step
     return df
 
 # %% ../nbs/02_memory.ipynb #3bcf9d9a
-_PARTS = ("weights", "trainable", "gradients", "optimizer", "activations", "overhead")
+_PARTS = ("weights", "trainable", "gradients", "optimizer", "activations", "retained", "overhead")
 
 def plot_memory(model="smollm2-135m", # model name/path/config
                 methods=METHODS, # methods to compare

@@ -18,20 +18,22 @@ quiet_libraries()  # before transformers and peft are imported
 
 # %% auto #0
 __all__ = ['METHODS', 'BALANCE_MODES', 'DEFAULT_LR', 'CUT_MARK', 'ONE_ROW', 'LOG_FIELDS', 'RUN_FILE', 'RUN_TASK_FILE',
-           'MEMORY_HEADROOM', 'TrainConfig', 'tokenize_example', 'tokenize_split', 'cut_note', 'pack_rows',
-           'PackedCollator', 'PaddedCollator', 'shared_prefix_len', 'SharedPrefixCollator', 'forward_batch',
-           'per_example_loss', 'varlen_attention', 'train_collator', 'label_balance_weights', 'balanced_sampler',
-           'completion_positions', 'completion_loss', 'CSVLogCallback', 'QuietProgressCallback', 'TrainResult',
-           'bnb_config', 'build_model', 'VrnxTrainer', 'save_run_task', 'load_run_task', 'MemoryBudgetError',
-           'MemoryPlan', 'free_memory_gb', 'batch_layout', 'worst_batch', 'plan_memory', 'finetune', 'load_trained',
-           'merge_and_save', 'main_train', 'ADAPTER_CONFIG_NAME', 'ADAPTER_WEIGHTS_NAME', 'ADAPTER_TARGETS',
-           'BottleneckConfig', 'BottleneckLayer', 'BottleneckModel']
+           'MEMORY_HEADROOM', 'M_TRIM_THRESHOLD', 'M_MMAP_THRESHOLD', 'RELEASE_BYTES', 'TrainConfig',
+           'tokenize_example', 'tokenize_split', 'cut_note', 'pack_rows', 'PackedCollator', 'PaddedCollator',
+           'shared_prefix_len', 'SharedPrefixCollator', 'forward_batch', 'per_example_loss', 'varlen_attention',
+           'train_collator', 'label_balance_weights', 'balanced_sampler', 'completion_positions', 'completion_loss',
+           'CSVLogCallback', 'QuietProgressCallback', 'TrainResult', 'bnb_config', 'build_model', 'VrnxTrainer',
+           'save_run_task', 'load_run_task', 'MemoryBudgetError', 'MemoryPlan', 'free_memory_gb', 'batch_layout',
+           'worst_batch', 'plan_memory', 'release_freed_memory', 'finetune', 'load_trained', 'merge_and_save',
+           'main_train', 'ADAPTER_CONFIG_NAME', 'ADAPTER_WEIGHTS_NAME', 'ADAPTER_TARGETS', 'BottleneckConfig',
+           'BottleneckLayer', 'BottleneckModel']
 
 # %% ../nbs/05_training.ipynb #fc51ac43
 METHODS = ("full", "lora", "qlora", "adapter")
 BALANCE_MODES = ("oversample", "weight")
 DEFAULT_LR = {"full": 5e-5, "lora": 2e-4, "qlora": 2e-4, "adapter": 5e-4}
-_RUN_FIELDS = ("output_dir", "resume", "overwrite", "report_to", "keep_checkpoints", "memory_limit_gb", "adapt_memory") # do not change what is trained
+_RUN_FIELDS = ("output_dir", "resume", "overwrite", "report_to", "keep_checkpoints", "memory_limit_gb", "adapt_memory",
+               "release_memory") # do not change what is trained
 
 @dataclass
 class TrainConfig:
@@ -66,6 +68,7 @@ class TrainConfig:
     balance_power: float = 0.5 # label weight = count**-power, mean 1: 0.5 square-root balancing, 1 every label equal
     memory_limit_gb: float|None = None # memory the run may use (decimal GB); None: 90% of what is free before the first step
     adapt_memory: bool = True # over the limit: smaller batches (+ grad_accum), then checkpointing; False: stop with the fix
+    release_memory: bool = False # CPU, Linux/glibc: freed tensors go back to the OS (`release_freed_memory`): lower peak RSS, slower steps
 
     def __post_init__(self):
         validate(self, {"method": one_of(METHODS), "r": positive_int, "batch_size": positive_int, "grad_accum": positive_int,
@@ -74,7 +77,7 @@ class TrainConfig:
                         "lora_dropout": number_in(0, 1), "learning_rate": positive_number | None, "epochs": positive_number,
                         "warmup_ratio": number_in(0, 1), "balance": one_of(BALANCE_MODES) | None,
                         "balance_power": number_in(0, 1, closed="right"), "memory_limit_gb": positive_number | None,
-                        "adapt_memory": Kind("True or False", lambda v: isinstance(v, bool))})
+                        **{n: Kind("True or False", lambda v: isinstance(v, bool)) for n in ("adapt_memory", "release_memory")}})
         if self.method in ("lora", "qlora") and not 4 <= self.r <= 128:
             warnings.warn(f"r={self.r} is outside the usual LoRA range 4..128")
         if self.lora_alpha is None: self.lora_alpha = 2*self.r
@@ -405,6 +408,13 @@ def _count_params(model) -> tuple[int, int]:
     ps = list(model.parameters())
     return sum(p.numel() for p in ps if p.requires_grad), sum(p.numel() for p in ps)
 
+def _unmap_checkpoint(model):
+    "Copy the weights a 4-bit CPU model still reads from the mapped checkpoint (embeddings, norms), so it is unmapped."
+    import gc, bitsandbytes as bnb
+    for p in model.parameters():
+        if not isinstance(p, bnb.nn.Params4bit): p.data = p.data.clone()  # same Parameter: tied weights stay tied
+    gc.collect()  # the fp32 pages quantization read leave the process (RSS), not only the tensors
+
 def build_model(model_name:str, # alias, local folder or hub id
                 cfg:TrainConfig, # the run's config
                 device:str|None=None, # default: the best available
@@ -417,6 +427,7 @@ def build_model(model_name:str, # alias, local folder or hub id
         quant = bnb_config()
         from peft import prepare_model_for_kbit_training
         model, tok = load_model(model_name, device=device, quantization_config=quant)
+        if device == "cpu": _unmap_checkpoint(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
@@ -655,7 +666,7 @@ def plan_memory(model, # the model `finetune` built (peft / adapter wrapped)
         loss = max(1, min(sum(answers[:b]), n*seq)) if sliced else None
         e = estimate_memory(base.config, cfg.method, r=cfg.r, batch_size=n, seq_len=seq, gradient_checkpointing=ck, dtype=dtype,
                             device=device, target_modules=targets, packed=packed, attention=attn, loss_tokens=loss,
-                            overhead_gb=overhead)
+                            overhead_gb=overhead, allocator="release" if cfg.release_memory else "default")
         return e.total, [n, seq]
     if cfg.memory_limit_gb: budget, where = cfg.memory_limit_gb, "memory_limit_gb"
     else: budget, where = MEMORY_HEADROOM*free_memory_gb(device), f"{MEMORY_HEADROOM:.0%} of the free {'GPU memory' if device == 'cuda' else 'RAM'} and what this process holds"
@@ -692,6 +703,20 @@ def plan_memory(model, # the model `finetune` built (peft / adapter wrapped)
                   if cap else "a smaller model or method='qlora' (the weights and their states alone do not fit)")
                + ", or a larger memory_limit_gb if more memory is free")
     raise MemoryBudgetError(f"finetune: {what}; {fix}")
+
+# %% ../nbs/05_training.ipynb #41201bac
+import ctypes
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3 # glibc's mallopt parameters (malloc.h)
+RELEASE_BYTES = 128*1024 # glibc's starting mmap threshold: blocks this big or bigger get their own mapping
+
+def release_freed_memory(threshold:int=RELEASE_BYTES, # bytes from which a block is mapped apart and unmapped when freed
+                        ) -> bool:
+    "Make glibc hand freed blocks of at least `threshold` bytes back to the OS (process-wide); False where not glibc."
+    if not sys.platform.startswith("linux"): return False
+    try: libc = ctypes.CDLL(None)
+    except OSError: return False
+    if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"): return False  # musl & co.: no such knobs
+    return libc.mallopt(M_MMAP_THRESHOLD, int(threshold)) == 1 and libc.mallopt(M_TRIM_THRESHOLD, int(threshold)) == 1
 
 # %% ../nbs/05_training.ipynb #c09f55c6
 def _report_to(value) -> list:
@@ -762,6 +787,7 @@ def finetune(model:str, # model alias ('smollm2-135m', 'tiny'), local folder or 
     if is_main: (out/RUN_FILE).write_text(json.dumps(run, indent=1, default=str)); save_run_task(task, out)
 
     device = device or get_device()
+    if cfg.release_memory and device == "cpu": release_freed_memory()  # before the model's tensors: all of them
     set_seed(cfg.seed)
     with _quiet_deprecations(): mdl, tok = build_model(model_name, cfg, device)
     max_len = cfg.max_length or _model_context(mdl.base_model if isinstance(mdl, BottleneckModel) else mdl)
@@ -923,6 +949,8 @@ def _train_parser():
                    help="memory the run may use (GB); default 90%% of what is free")
     p.add_argument("--no-adapt-memory", action="store_false", dest="adapt_memory", default=d("adapt_memory"),
                    help="stop instead of shrinking batches or checkpointing when the worst batch would not fit")
+    p.add_argument("--release-memory", action="store_true", default=d("release_memory"),
+                   help="CPU: hand freed tensors back to the OS (lower peak RSS, slower steps: page faults)")
     return p
 
 def main_train(argv:list[str]|None=None) -> int:
