@@ -10,6 +10,9 @@ across batch sizes up to batched-kernel rounding and the difference is throughpu
   the offline default of `vrnx augment`; cached by the seeds' hash, its one-off tuning time in `adapt_s`, not in the
   per-minute figures).
 
+The filter runs with the pipeline's defaults: the quality threshold calibrated on the seeds (90% of them pass, out of
+fold; `quality_threshold` and `quality_threshold_how` columns), no classifier stage (`after_classifier` empty).
+
 Writes bench/results/augment_throughput.csv (one row per run; `load_avg_1m_at_start` is the CPU load when it began)
 and prints last, per mode, the parsed share (target >= 95%), the kept share after the filter (the paper reports
 60-70%) and the kept-per-minute ratio of batch 8 to batch 1 (target >= 3x).
@@ -23,7 +26,7 @@ from pathlib import Path
 
 from vrnx_nb.tasks import load_task
 
-STAGES = ("generation", "validity", "length", "duplicate", "decontamination", "quality", "diversity")
+STAGES = ("generation", "validity", "length", "duplicate", "decontamination", "classifier", "quality", "diversity")
 TARGETS = {"parsed": 0.95, "batch_ratio": 3.0}
 OUT_CSV = Path(__file__).parent/"results"/"augment_throughput.csv"
 
@@ -62,6 +65,7 @@ def run(teacher, task, mode, n, batch, max_tokens, seed, n_shots, adapt_s=None):
            "completion_tok_per_s": round(u.completion_tokens/t_gen, 2) if t_gen else 0.0,
            "parsed_per_min": round(len(syn)/wall*60, 3), "kept_per_min": round(len(kept)/wall*60, 3)}
     row.update(stage_counts(pipe))
+    row.update(quality_threshold=round(pipe.quality_threshold_used, 3), quality_threshold_how=pipe.threshold_how)
     return row, pipe
 
 

@@ -67,7 +67,7 @@ def test_augment_options_default_to_the_pipelines():
     # teacher_model and adapt depend on the teacher: the local one (smollm2-135m, adapted) or an endpoint (gpt-4-turbo, not)
     assert {k for k, (cli, cfg) in pairs.items() if cli != cfg} == {"teacher_model", "adapt"}
     assert pairs["adapt"][0] is None and pairs["teacher_model"][0] is None
-    assert {"mode", "classifier_threshold", "quality_threshold", "diversity_weight", "concurrency", "max_tokens", "seed",
+    assert {"mode", "classifier_threshold", "quality_threshold", "quality_real_pass", "diversity_weight", "concurrency", "max_tokens", "seed",
             "base_url", "api_key_env", "device"} <= set(pairs)
 
 

@@ -593,11 +593,12 @@ class QualityClassifier:
                  labels:list|None=None, # label set (classification)
                  seed:int=0, # corruption seed
                  wrong_target_weight:float=0.3, # weight of wrong-target negatives (teachers mislabel less often than they ramble)
-                 C:float=1.0): # inverse regularisation of the logistic regression
+                 C:float=1.0, # inverse regularisation of the logistic regression
+                 folds:int=3): # cross-validation folds over the seeds (0: none, as inside a fold)
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
         from scipy.sparse import vstack
-        self.kind, self.labels, self.seed, self.C = kind, list(labels or []), seed, C
+        self.kind, self.labels, self.seed, self.C, self.wrong_target_weight = kind, list(labels or []), seed, C, wrong_target_weight
         neg = corrupt_examples(seeds, kind, labels, seed)
         self.n_pos, self.n_neg = len(seeds), len(neg)
         li, lt = np.log1p([len(_words(e.input)) for e in seeds]), np.log1p([len(_words(e.target)) for e in seeds])
@@ -612,7 +613,7 @@ class QualityClassifier:
         w = np.r_[np.ones(len(seeds)), [wrong_target_weight if e.meta["corruption"] == "wrong_target" else 1.0 for e in neg]]
         w[:len(seeds)] *= w[len(seeds):].sum()/len(seeds)   # positives and negatives weigh the same in total
         self.model = LogisticRegression(C=C, max_iter=3000).fit(X, y, sample_weight=w)
-        self.cv_auc = self._cv_auc(X, y, w)
+        self.cv_auc, self.oof_scores = self._cross_validate(seeds, folds)
 
     def _label_model(self, seeds):
         "Label model on the seeds, with out-of-fold label probabilities for the seeds themselves."
@@ -659,16 +660,28 @@ class QualityClassifier:
             rows.append(row)
         return hstack([csr_matrix(np.asarray(rows)), C]).tocsr()
 
-    def _cv_auc(self, X, y, w) -> float|None:
-        from sklearn.model_selection import StratifiedKFold
-        from sklearn.linear_model import LogisticRegression
+    def _cross_validate(self, seeds, folds) -> tuple:
+        "Per fold, a classifier fit on the other seeds and their corruptions scores the fold's seeds and their corruptions."
         from sklearn.metrics import roc_auc_score
-        if min(self.n_pos, self.n_neg) < 6: return None
-        scores = []
-        for tr, te in StratifiedKFold(3, shuffle=True, random_state=self.seed).split(X, y):
-            m = LogisticRegression(C=self.C, max_iter=3000).fit(X[tr], y[tr], sample_weight=w[tr])
-            scores.append(roc_auc_score(y[te], m.predict_proba(X[te])[:, 1]))
-        return float(np.mean(scores))
+        if not folds or min(self.n_pos, self.n_neg) < 6: return None, None
+        idx = list(range(len(seeds))); random.Random(self.seed).shuffle(idx)
+        k, oof, aucs = min(folds, len(seeds)), np.full(len(seeds), np.nan), []
+        for f in range(k):
+            test = set(idx[f::k])
+            held, rest = [seeds[i] for i in sorted(test)], [e for i, e in enumerate(seeds) if i not in test]
+            sub = QualityClassifier(rest, self.kind, self.labels, self.seed, self.wrong_target_weight, self.C, folds=0)
+            p_real, p_fake = sub.score(held), sub.score(corrupt_examples(held, self.kind, self.labels, self.seed))
+            oof[sorted(test)] = p_real
+            aucs.append(roc_auc_score(np.r_[np.ones(len(p_real)), np.zeros(len(p_fake))], np.r_[p_real, p_fake]))
+        return float(np.mean(aucs)), oof
+
+    def threshold_for(self, real_pass:float) -> float: # share of the real seeds (scored out of fold) to let through, in (0, 1]
+        "The score at least `real_pass` of the real seeds reach, each scored by a classifier that did not see it."
+        if isinstance(real_pass, bool) or not isinstance(real_pass, (int, float)) or not 0 < real_pass <= 1:
+            raise ValueError(f"QualityClassifier.threshold_for.real_pass: expected a number in (0, 1], got {real_pass!r}")
+        if self.oof_scores is None:
+            raise ValueError(f"QualityClassifier.threshold_for: expected at least 6 seeds to score out of fold, got {self.n_pos}")
+        return float(np.quantile(self.oof_scores, 1 - real_pass, method="lower"))
 
     def score(self, exs:list) -> np.ndarray:
         "Probability that each example is real."
@@ -849,13 +862,21 @@ class AugmentReport:
     stages: Any # DataFrame: stage, in, out, retention
     usage: Usage
     quality_auc: float|None = None
+    quality_threshold: float|None = None # the threshold the quality stage used
+    threshold_how: str = "" # how it was set: 'fixed', or the share of the seeds it lets through out of fold
+    @property
+    def threshold_line(self) -> str:
+        "`quality threshold 0.62 (90% of the seeds pass, out of fold)`, or '' before a filter."
+        return f"quality threshold {self.quality_threshold:.2f} ({self.threshold_how})" if self.quality_threshold is not None else ""
     def __repr__(self):
         import pandas as pd
         with pd.option_context("display.width", 200, "display.max_rows", 100):
             auc = f"\nquality classifier cross-validated AUC: {self.quality_auc:.3f}" if self.quality_auc is not None else ""
-            return f"{self.stages.to_string(index=False)}\n\nrejections:\n{self.table.to_string(index=False)}\n\n{self.usage!r}{auc}"
+            th = f"\n{self.threshold_line}" if self.threshold_line else ""
+            return f"{self.stages.to_string(index=False)}\n\nrejections:\n{self.table.to_string(index=False)}\n\n{self.usage!r}{auc}{th}"
     def _repr_html_(self):
-        return (self.stages.to_html(index=False) + "<br>" + self.table.to_html(index=False) + f"<pre>{self.usage!r}</pre>")
+        return (self.stages.to_html(index=False) + "<br>" + self.table.to_html(index=False) + f"<pre>{self.usage!r}</pre>"
+                + (f"<p>{self.threshold_line}</p>" if self.threshold_line else ""))
 
 _UNIT = number_in(0, 1, closed="both")
 _BOOL = one_of([True, False])
@@ -877,7 +898,8 @@ def _positive_int(name, x, minimum=1):
 class SyntheticPipeline:
     "Teacher-student data generation: seed profile, controlled-variation requests, a trained filter, full accounting."
     teacher_model: Any = "gpt-4-turbo" # endpoint model name; or run in this process: an alias, a model folder, a `TrainResult`, a `LocalTeacher`
-    quality_threshold: float = 0.85 # keep examples the quality classifier scores at least this
+    quality_threshold: float|None = None # keep examples the quality classifier scores at least this; None: calibrated on the seeds
+    quality_real_pass: float = 0.9 # calibrated threshold: the share of the real seeds (scored out of fold) it lets through
     diversity_weight: float = 0.3 # w in the MMR score (1-w)*quality - w*similarity
     base_url: str|None = None # OpenAI-compatible endpoint; None: api.openai.com (or the local teacher, see `teacher_model`)
     api_key_env: str = "OPENAI_API_KEY" # NAME of the environment variable holding the key (read at call time)
@@ -914,7 +936,8 @@ class SyntheticPipeline:
             raise field_error(own, "teacher_model", "a non-empty model name, a model folder, a TrainResult or a LocalTeacher", tm)
         if self.base_url is not None and not isinstance(tm, str):
             raise field_error(own, "teacher_model", "the model name the endpoint knows when base_url is given", type(tm).__name__)
-        validate(self, {"quality_threshold": _UNIT, "diversity_weight": _UNIT, "near_dup_threshold": _UNIT, "max_redundancy": _UNIT,
+        validate(self, {"quality_threshold": _UNIT | None, "quality_real_pass": number_in(0, 1, closed="right"),
+                        "diversity_weight": _UNIT, "near_dup_threshold": _UNIT, "max_redundancy": _UNIT,
                         "concurrency": positive_int, "max_retries": int_at_least(0), "max_tokens": positive_int,
                         "n_shots": positive_int, "decontam_ngram": positive_int, "seed": int_at_least(0),
                         "timeout": positive_number, "connect_timeout": positive_number, "structured": _BOOL,
@@ -937,6 +960,7 @@ class SyntheticPipeline:
             raise field_error(own, "adapt", "False unless teacher_model is a base model to tune here (an alias or a model folder; "
                               "no base_url, no teacher callable, not a run or LocalTeacher)", self.adapt)
         self.usage, self.rejected, self.profile, self.quality, self.schema = Usage(), [], None, None, None
+        self.quality_threshold_used = None # the quality threshold of the last `filter` (calibrated or fixed)
         self._seeds, self._task, self._counts, self._stage_io = [], None, Counter(), []
         self.adapted = None # the `TrainResult` of the teacher adapted to the last `generate`'s seeds (with `adapt`)
         self._teachers = {teacher_name(tm): tm} if isinstance(tm, LocalTeacher) else {} # name -> loaded `LocalTeacher`
@@ -1342,6 +1366,21 @@ def generate(self:SyntheticPipeline,
     self._stage_io = [("generation", target_count, len(out))]
     return out
 
+# %% ../nbs/04_augmentation.ipynb #83d2aa82
+@patch
+def quality_threshold_for(self:SyntheticPipeline, qc:QualityClassifier) -> float:
+    "The quality threshold in force: `quality_threshold`, else calibrated so `quality_real_pass` of the seeds pass."
+    if self.quality_threshold is not None: return float(self.quality_threshold)
+    return qc.threshold_for(self.quality_real_pass) if qc.oof_scores is not None else 0.5
+
+@patch(as_prop=True)
+def threshold_how(self:SyntheticPipeline) -> str:
+    "How the quality threshold is set: 'fixed', or the share of the seeds it lets through out of fold."
+    if self.quality_threshold is not None: return "fixed"
+    q = self.quality
+    if q is not None and q.oof_scores is None: return f"{q.n_pos} seeds are too few to calibrate on (6 needed): 0.5"
+    return f"{self.quality_real_pass:.0%} of the seeds pass, out of fold"
+
 # %% ../nbs/04_augmentation.ipynb #11be6c66
 from dataclasses import replace as _replace
 
@@ -1456,8 +1495,9 @@ def filter(self:SyntheticPipeline,
         cands = res.kept
     # quality classifier trained on the seeds
     self.quality = QualityClassifier(seeds, profile.kind, list(profile.labels) or None, seed=self.seed)
+    th = self.quality_threshold_used = self.quality_threshold_for(self.quality)
     for ex, p in zip(cands, self.quality.score(cands)): ex.meta["quality"] = round(float(p), 4)
-    cands = stage("quality", cands, lambda ex: "below_threshold" if ex.meta["quality"] < self.quality_threshold else None)
+    cands = stage("quality", cands, lambda ex: "below_threshold" if ex.meta["quality"] < th else None)
     # diversity-aware selection (MMR)
     n_in, kept = len(cands), []
     if cands:
@@ -1466,7 +1506,7 @@ def filter(self:SyntheticPipeline,
         sim_ref = np.asarray((Vc @ Vs.T).max(axis=1).todense()).ravel()
         w = self.diversity_weight
         order, why = mmr_select(np.array([e.meta["quality"] for e in cands]), (Vc @ Vc.T).toarray(), sim_ref, w,
-                                (1 - w)*self.quality_threshold - w*self.max_redundancy, max_keep)
+                                (1 - w)*th - w*self.max_redundancy, max_keep)
         for i, reason in sorted(why.items()): self._reject(cands[i], "diversity", reason)
         for rank, i in enumerate(order): cands[i].meta["mmr_rank"] = rank; kept.append(cands[i])
     self._stage_io.append(("diversity", n_in, len(kept)))
@@ -1486,7 +1526,8 @@ def report(self:SyntheticPipeline) -> AugmentReport:
     if len(stages) > 1:
         total = stages.iloc[0]["in"]; last = stages.iloc[-1]["out"]
         stages.loc[len(stages)] = {"stage": "overall (kept / requested)", "in": total, "out": last, "retention": round(last/total, 3) if total else float("nan")}
-    return AugmentReport(table, stages, self.usage, self.quality.cv_auc if self.quality is not None else None)
+    q, th = self.quality, self.quality_threshold_used
+    return AugmentReport(table, stages, self.usage, q.cv_auc if q is not None else None, th, self.threshold_how if th is not None else "")
 
 @patch
 def rejected_frame(self:SyntheticPipeline):
@@ -1532,7 +1573,10 @@ def _augment_parser():
     p.add_argument("--api-key-env", default=d("api_key_env"), help="environment variable holding the API key")
     p.add_argument("--description", default=None, help="what the data is for (default: the task's instruction)")
     p.add_argument("--constraint", action="append", default=[], help="a domain constraint (repeatable)")
-    p.add_argument("--quality-threshold", type=float, default=d("quality_threshold"))
+    p.add_argument("--quality-threshold", type=float, default=d("quality_threshold"), help="keep what the quality classifier scores "
+                   "at least this; default: calibrated on the seeds (see --quality-real-pass)")
+    p.add_argument("--quality-real-pass", type=float, default=d("quality_real_pass"), help="calibrated threshold: the share of the "
+                   f"real seeds, scored out of fold, it lets through (default {d('quality_real_pass')})")
     p.add_argument("--diversity-weight", type=float, default=d("diversity_weight"))
     p.add_argument("--concurrency", type=int, default=d("concurrency"), help="requests in flight (the batch of a local teacher)")
     p.add_argument("--max-tokens", type=int, default=d("max_tokens"), help="completion limit per request")
@@ -1550,8 +1594,8 @@ def main_augment(argv:list|None=None) -> int:
     task = load_task(a.task, n_train=a.n_seed, seed=a.seed)
     in_process = not a.base_url and not a.serve
     adapt = a.adapt if a.adapt is not None else (in_process and a.mode != "json")
-    kw = dict(quality_threshold=a.quality_threshold, diversity_weight=a.diversity_weight, concurrency=a.concurrency, mode=a.mode,
-              max_tokens=a.max_tokens, seed=a.seed, cache_path=a.cache, api_key_env=a.api_key_env,
+    kw = dict(quality_threshold=a.quality_threshold, quality_real_pass=a.quality_real_pass, diversity_weight=a.diversity_weight,
+              concurrency=a.concurrency, mode=a.mode, max_tokens=a.max_tokens, seed=a.seed, cache_path=a.cache, api_key_env=a.api_key_env,
               classifier_threshold=a.classifier_threshold)
     def run(pipe):
         syn = pipe.generate(task.train, a.target_count, a.description, a.constraint, task=task)

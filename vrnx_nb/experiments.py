@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from .checks import Kind, validate, check_field, positive_int, positive_number, int_at_least, int_in, number_in, one_of
 from .checks import default_of
+from .augmentation import SyntheticPipeline # its defaults (quality_threshold)
 
 # %% auto #0
 __all__ = ['TASK_BUDGETS', 'TOKENS_PER_S', 'EXAMPLES_PER_S', 'EXP_METHODS', 'AUGMENT_DEFAULT', 'R_RANGE', 'TEACHER_MODES',
@@ -67,7 +68,7 @@ class ExperimentConfig:
     max_val_examples: int = 32 # validation examples for the validation loss
     limit: int|None = None # test examples scored; default from `TASK_BUDGETS`
     eval_mode: str|None = None # 'loglik' or 'generate'; default: loglik for classification
-    quality_threshold: float = 0.85 # synthetic examples kept at or above this quality score
+    quality_threshold: float|None = default_of(SyntheticPipeline, "quality_threshold") # keep synthetic examples scoring >= this; None: calibrated
     teacher: str = "smollm2-135m" # teacher model for synthetic data
     teacher_mode: str|None = None # None: the teacher behind `transformers serve` in its default mode; else in this process: 'label', 'two_step' or 'json'
     adapt_teacher: bool = False # LoRA-tune the teacher on the seeds first (`vrnx_nb.adapt.adapt_teacher`), in this process
@@ -93,7 +94,7 @@ class ExperimentConfig:
         check_field(_EC, "augment", self.augment, Kind("True/False or a number of synthetic examples >= 0", int_at_least(0)))
         if self.method == "zero-shot" and self.augment: raise ValueError("ExperimentConfig.augment: zero-shot does not train, so it cannot use synthetic data")
         validate(self, {"epochs": positive_number, "learning_rate": positive_number | None, "lora_dropout": number_in(0, 1),
-                        "quality_threshold": number_in(0, 1, closed="both"), "teacher_mode": one_of(TEACHER_MODES) | None,
+                        "quality_threshold": number_in(0, 1, closed="both") | None, "teacher_mode": one_of(TEACHER_MODES) | None,
                         "classifier_threshold": number_in(0, 1, closed="right") | None,
                         "balance": one_of(("oversample", "weight")) | None})
         for k, v in TASK_BUDGETS[self.task].items():
@@ -243,6 +244,7 @@ def _synth_key(cfg:ExperimentConfig) -> dict:
     return {"task": cfg.task, "n_train": cfg.n_train, "seed": cfg.seed, "target_count": cfg.augment, "teacher": cfg.teacher,
             "quality_threshold": cfg.quality_threshold, "diversity_weight": p.diversity_weight, "near_dup_threshold": p.near_dup_threshold,
             "max_redundancy": p.max_redundancy, "max_tokens": SYNTH_MAX_TOKENS,
+            **({"quality_real_pass": p.quality_real_pass} if cfg.quality_threshold is None else {}),
             **{k: getattr(cfg, k) for k in ("teacher_mode", "adapt_teacher", "classifier_threshold") if getattr(cfg, k) not in (None, False)}}
 
 def synthetic_path(cfg:ExperimentConfig, # an augmented config
@@ -855,7 +857,7 @@ def _experiment_parser():
                    help="augment grid: keep synthetic examples a seed-trained classifier gives their label with this probability")
     p.add_argument("--no-augment", action="store_true", help="scaling grid without the augmented curve")
     p.add_argument("--quality-threshold", type=float, default=None,
-                   help=f"keep synthetic examples scoring at least this (default {d('quality_threshold')})")
+                   help="keep synthetic examples scoring at least this (default: calibrated on the seeds, SyntheticPipeline's quality_real_pass)")
     p.add_argument("--teacher", default=None, help=f"teacher model served locally (default {d('teacher')})")
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--out", default=None, help="folder for the PNGs of `plot` (default: beside the results)")
