@@ -419,3 +419,28 @@ def test_finetune_releases_freed_memory_on_the_cpu_when_asked(task, tmp_path, mo
     from vrnx_nb.training import _train_parser
     assert _train_parser().parse_args(["--release-memory"]).release_memory is True
     assert _train_parser().parse_args([]).release_memory is False and TrainConfig().release_memory is False
+
+
+def test_balanced_run_chooses_checkpoints_by_the_balanced_validation_loss(task, tmp_path):
+    "With balance on, the logged validation loss is the label-weighted one (training's weights), not the plain mean."
+    import csv
+    from vrnx_nb.training import val_balance_weights, completion_loss
+    import copy
+    val_idx = task.splits["val"]
+    rare = [i for i in val_idx if task.examples[i].target != "Other"][:4]
+    mixed = rare + [i for i in val_idx if task.examples[i].target == "Other"][:4]
+    task = copy.copy(task); task.splits = {**task.splits, "val": mixed}  # one eval batch holding rare and common labels
+    run = finetune("tiny", task, method="lora", balance="oversample", max_steps=1, eval_steps=1, batch_size=8,
+                   max_val_examples=8, max_length=256, output_dir=tmp_path/"run", overwrite=True)
+    logged = [float(r["loss"]) for r in csv.DictReader(open(tmp_path/"run"/"log.csv")) if r["split"] == "val"][-1]
+    model, tok = load_trained(run, device="cpu")
+    rows = tokenize_split(task, "val", tok, 256, 8)[0]
+    w = val_balance_weights([e.target for e in task.train], [e.target for e in task.val[:8]])
+    assert len(set(w)) > 1, "the first 8 validation clauses should hold more than one label"
+    for r, x in zip(rows, w): r["weight"] = x
+    batch = PaddedCollator(tok.pad_token_id)(rows)
+    with torch.no_grad(): logits = model(input_ids=batch["input_ids"]).logits
+    weighted = completion_loss(logits, batch["labels"], batch["token_weights"]).item()
+    plain = completion_loss(logits, batch["labels"]).item()
+    assert abs(logged - weighted) < 1e-3, (logged, weighted, plain)
+    assert abs(plain - weighted) > 1e-3, (plain, weighted)

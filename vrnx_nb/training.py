@@ -21,12 +21,12 @@ __all__ = ['METHODS', 'BALANCE_MODES', 'DEFAULT_LR', 'CUT_MARK', 'ONE_ROW', 'LOG
            'MEMORY_HEADROOM', 'M_TRIM_THRESHOLD', 'M_MMAP_THRESHOLD', 'RELEASE_BYTES', 'TrainConfig',
            'tokenize_example', 'tokenize_split', 'cut_note', 'pack_rows', 'PackedCollator', 'PaddedCollator',
            'shared_prefix_len', 'SharedPrefixCollator', 'forward_batch', 'per_example_loss', 'varlen_attention',
-           'train_collator', 'label_balance_weights', 'balanced_sampler', 'completion_positions', 'completion_loss',
-           'CSVLogCallback', 'QuietProgressCallback', 'TrainResult', 'bnb_config', 'build_model', 'VrnxTrainer',
-           'save_run_task', 'load_run_task', 'MemoryBudgetError', 'MemoryPlan', 'free_memory_gb', 'batch_layout',
-           'worst_batch', 'plan_memory', 'release_freed_memory', 'finetune', 'load_trained', 'merge_and_save',
-           'main_train', 'ADAPTER_CONFIG_NAME', 'ADAPTER_WEIGHTS_NAME', 'ADAPTER_TARGETS', 'BottleneckConfig',
-           'BottleneckLayer', 'BottleneckModel']
+           'train_collator', 'label_balance_weights', 'balanced_sampler', 'val_balance_weights', 'completion_positions',
+           'completion_loss', 'CSVLogCallback', 'QuietProgressCallback', 'TrainResult', 'bnb_config', 'build_model',
+           'VrnxTrainer', 'save_run_task', 'load_run_task', 'MemoryBudgetError', 'MemoryPlan', 'free_memory_gb',
+           'batch_layout', 'worst_batch', 'plan_memory', 'release_freed_memory', 'finetune', 'load_trained',
+           'merge_and_save', 'main_train', 'ADAPTER_CONFIG_NAME', 'ADAPTER_WEIGHTS_NAME', 'ADAPTER_TARGETS',
+           'BottleneckConfig', 'BottleneckLayer', 'BottleneckModel']
 
 # %% ../nbs/05_training.ipynb #fc51ac43
 METHODS = ("full", "lora", "qlora", "adapter")
@@ -279,6 +279,16 @@ def balanced_sampler(weights:list, # per-example sampling weights
     "A seeded sampler drawing `len(weights)` examples per epoch with replacement, in proportion to `weights`."
     g = torch.Generator().manual_seed(seed)
     return torch.utils.data.WeightedRandomSampler(weights, len(weights), replacement=True, generator=g)
+
+# %% ../nbs/05_training.ipynb #5d6b868b
+def val_balance_weights(train_targets:list, # each training example's label
+                        val_targets:list, # each validation example's label
+                        power:float=0.5, # as in `label_balance_weights`
+                       ) -> list[float]:
+    "Loss weights of validation examples: their label's training weight, so checkpoints are chosen by the balanced loss."
+    by_label = dict(zip(train_targets, label_balance_weights(train_targets, power)))
+    unseen = max(by_label.values())  # a label training never saw counts as its rarest
+    return [by_label.get(t, unseen) for t in val_targets]
 
 # %% ../nbs/05_training.ipynb #da5f70af
 def completion_positions(labels, # (batch, seq) next-token targets, -100 where no loss
@@ -804,6 +814,10 @@ def finetune(model:str, # model alias ('smollm2-135m', 'tiny'), local folder or 
         _base_model(mdl).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     val_rows = tokenize_split(task, "val", tok, max_len, cfg.max_val_examples)[0] if has_val else None
     weights = label_balance_weights([e.target for e in task.train], cfg.balance_power) if cfg.balance else None
+    if weights and val_rows:  # keep the checkpoint best at the balanced loss, not the one nearest "always the majority"
+        val_targets = [e.target for e in task.split("val")[:len(val_rows)]]
+        val_w = val_balance_weights([e.target for e in task.train], val_targets, cfg.balance_power)
+        for row, w in zip(val_rows, val_w): row["weight"] = w
     if cfg.balance == "weight":
         for row, w in zip(train_rows, weights): row["weight"] = w
     world = int(os.environ.get("WORLD_SIZE", "1"))
