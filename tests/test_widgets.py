@@ -280,3 +280,18 @@ def test_dashboard_shows_warning_confusion_and_per_label_table():
     d.pick.value = ("zero-shot · medical",)
     assert d.warnings.value == ""                       # warnings follow the picked runs
     assert set(d.state.selected) == {"zero-shot · medical"}
+
+
+def test_augment_state_leaves_the_quality_threshold_to_the_pipeline(tmp_path):
+    "Unset, the wizard's pipeline calibrates its quality threshold on the seeds; the form's share of seeds passing goes through."
+    from contextlib import ExitStack
+    from vrnx_nb.augmentation import SyntheticPipeline
+    from vrnx_nb.checks import default_of
+    from vrnx_nb.widgets import AugmentState
+    st = AugmentState(load_task("legal", n_train=16), teacher="callable", teacher_fn=lambda messages, request: "x",
+                      cache_path=str(tmp_path/"replies.jsonl"))
+    with ExitStack() as stack: pipe = st._pipeline(stack, None)
+    assert pipe.quality_threshold is None
+    assert pipe.quality_real_pass == default_of(SyntheticPipeline, "quality_real_pass")
+    st.quality_real_pass = 0.8
+    with ExitStack() as stack: assert st._pipeline(stack, None).quality_real_pass == 0.8

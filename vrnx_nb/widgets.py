@@ -276,7 +276,8 @@ class AugmentState:
     teacher_model: str = "gpt-4o-mini" # model name sent to the endpoint
     teacher_fn: Callable|None = field(default=None, repr=False) # in-process teacher `fn(messages, request) -> str`
     target_count: int = 40 # examples to ask the teacher for
-    quality_threshold: float = 0.85 # keep examples the pipeline's quality filter scores at least this
+    quality_threshold: float|None = None # keep what the quality filter scores at least this; None: calibrated on the seeds
+    quality_real_pass: float|None = None # share of the seeds (out of fold) the calibrated threshold lets through; None: the pipeline's
     chunk: int = 8 # requests per round (the view updates after each)
     seed: int = 0 # run seed (same seed + cache: nothing is paid twice)
     cache_path: str|None = None # reply cache JSONL; None: the pipeline's default (a temp file for a callable)
@@ -309,8 +310,9 @@ class AugmentState:
         "A `SyntheticPipeline` for the chosen teacher; servers and key variables are cleaned up by `stack`."
         from vrnx_nb.augmentation import SyntheticPipeline
         from vrnx_nb.serving import local_teacher
-        kw = {"seed": self.seed, "cache_path": self.cache_path, "quality_threshold": self.quality_threshold, "mode": self.mode,
-              **self.pipeline_kwargs}
+        quality = {k: v for k, v in (("quality_threshold", self.quality_threshold), ("quality_real_pass", self.quality_real_pass))
+                   if v is not None}  # unset: the pipeline's defaults
+        kw = {"seed": self.seed, "cache_path": self.cache_path, "mode": self.mode, **quality, **self.pipeline_kwargs}
         if self.teacher == "callable": return SyntheticPipeline(teacher=self.teacher_fn, teacher_model="in-process", **kw)
         if self.teacher in ("adapted", "local"):  # in this process: no server; 'adapted' tunes it on the seeds first (cached)
             return SyntheticPipeline(teacher_model=self.local_model, adapt=self.teacher == "adapted", **kw)
@@ -400,7 +402,10 @@ class AugmentWizard(_View):
         self.teacher_model = W.Text(s.teacher_model, description="model")
         self.api_key = self._css(W.Password("", placeholder="blanked when you press run; never saved", description="API key"), "key")
         self.target_count = self._css(W.IntSlider(s.target_count, min=1, max=500, description="examples"), "count")
-        self.quality = self._css(W.FloatSlider(s.quality_threshold, min=0, max=1, step=0.05, description="min quality"), "quality")
+        from vrnx_nb.checks import default_of
+        from vrnx_nb.augmentation import SyntheticPipeline
+        real_pass = s.quality_real_pass or default_of(SyntheticPipeline, "quality_real_pass")
+        self.quality = self._css(W.FloatSlider(real_pass, min=0.5, max=1, step=0.05, description="seeds passing"), "quality")
         self.run_button = self._css(W.Button(description="run", button_style="primary", icon="play"), "run")
         self.stop_button = self._css(W.Button(description="stop", button_style="warning", icon="stop", disabled=True), "stop")
         self.progress = self._css(W.IntProgress(0, min=0, max=s.target_count, description="requests"), "progress")
@@ -428,7 +433,7 @@ class AugmentWizard(_View):
         s.description, s.constraints, s.teacher = self.description.value, self.constraints.value, self.teacher.value
         s.mode = self.mode.value or None
         s.local_model, s.base_url, s.teacher_model = self.local_model.value.strip(), self.base_url.value.strip(), self.teacher_model.value.strip()
-        s.target_count, s.quality_threshold = self.target_count.value, self.quality.value
+        s.target_count, s.quality_real_pass = self.target_count.value, self.quality.value  # the threshold is calibrated to it
 
     def start(self):
         "What the run button does: blank the key field, check the inputs, run in the background."
