@@ -144,3 +144,15 @@ def test_memory_accuracy_estimates_each_setting_with_its_allocator():
     assert dflt["heap_free_at_peak_gb"] == 1.9 and dflt["sys_s_per_step"] is None  # fields a run did not record stay empty
     assert ma.MALLOCS == ("default", "release")
     with pytest.raises(SystemExit): ma.main(["--malloc", "glibc", "--runs", "lora"])
+
+
+def test_measured_table_reads_every_committed_benchmark():
+    "The README's 'Measured here' table: one row per benchmark CSV, figures read from the files (not typed)."
+    from vrnx_nb.experiments import read_results
+    measured = _load("measured")
+    md = measured.measured_table(read_results(ROOT/"experiments"/"results.csv"))
+    rows = [l for l in md.splitlines() if l.startswith("| ") and not l.startswith("| what")]
+    assert len(rows) == 6, md
+    tt = measured.csv("train_throughput"); tok = tt.groupby("kind")["useful_tokens_per_s"].mean()
+    assert f"{tok['lora']/tok['naive-lora']:.2f}×" in rows[1]
+    assert "legal accuracy" in md.splitlines()[-1]
