@@ -17,10 +17,11 @@ from .augmentation import SyntheticPipeline # its defaults (quality_threshold)
 
 # %% auto #0
 __all__ = ['TASK_BUDGETS', 'TOKENS_PER_S', 'EXAMPLES_PER_S', 'EXP_METHODS', 'AUGMENT_DEFAULT', 'R_RANGE', 'TEACHER_MODES',
-           'RESULT_COLUMNS', 'SYNTH_MAX_TOKENS', 'STATS', 'PAPER_CLAIMS', 'ExperimentConfig', 'format_metrics',
-           'parse_metrics', 'read_results', 'append_result', 'find_result', 'synthetic_path', 'synthetic_examples',
-           'default_cache', 'run_experiment', 'method_grid', 'scaling_grid', 'rank_grid', 'balance_grid', 'run_grid',
-           'augment_grid', 'paper_table', 'experiment_table', 'with_ci', 'majority_share', 'runs_table',
+           'RESULT_COLUMNS', 'SYNTH_MAX_TOKENS', 'STATS', 'EXAMPLE_TOKENS', 'SYNTH_S_PER_REQUEST', 'ADAPT_S',
+           'PAPER_SIZES', 'PAPER_CLAIMS', 'ExperimentConfig', 'format_metrics', 'parse_metrics', 'read_results',
+           'append_result', 'find_result', 'synthetic_path', 'synthetic_examples', 'default_cache', 'run_experiment',
+           'method_grid', 'scaling_grid', 'rank_grid', 'balance_grid', 'run_grid', 'augment_grid', 'run_cost',
+           'grid_cost', 'paper_grid', 'paper_table', 'experiment_table', 'with_ci', 'majority_share', 'runs_table',
            'majority_macro_f1', 'skew_table', 'plot_skew', 'augment_table', 'plot_scaling', 'plot_ranks', 'Multiplier',
            'effective_multiplier', 'peak_share', 'main_experiment']
 
@@ -480,6 +481,92 @@ def augment_grid(task:str="legal", # the task
                 ExperimentConfig(task, **(syn | {"max_steps": max_steps*longer}))]
     return out
 
+# %% ../nbs/07_experiments.ipynb #4c5033d1
+EXAMPLE_TOKENS = {"legal": 126, "medical": 151, "finance": 738} # tokens of a rendered example (SmolLM2 tokenizer)
+SYNTH_S_PER_REQUEST = {"label": 7.5, "two_step": 15.0, "json": 7.5} # seconds per synthetic request, 8 in flight, 2 cores
+ADAPT_S = 430.0 # the teacher's LoRA on the seeds (legal, 50 seeds: 1179 s for tuning and 100 requests, 746 s without)
+
+@functools.cache
+def _test_size(task:str) -> int:
+    from vrnx_nb.tasks import load_task
+    return len(load_task(task).test)
+
+def _median_rate(done, num:str, den, **match) -> float|None:
+    "Median of `num / den` over the finished rows matching `match` (None when there are none)."
+    rows = done
+    for k, v in match.items(): rows = rows[rows[k] == v]
+    rate = (rows[num] / den(rows)).replace([np.inf, -np.inf], np.nan).dropna()
+    return float(rate.median()) if len(rate) else None
+
+# %% ../nbs/07_experiments.ipynb #fdf19be1
+def run_cost(cfg:ExperimentConfig, # the run
+             done:"pd.DataFrame", # finished runs (`read_results`) to take the rates from
+             train:bool=True, # count its training (False: it reuses another config's training run)
+             synthetic:bool=True, # count generating its synthetic data (False: cached or counted already)
+            ) -> float:
+    "Estimated seconds of `cfg` on this machine, from the rates of the finished runs in `done`."
+    trained = done[done["train_steps"] > 0]
+    per_ex = lambda rows: rows["train_steps"] * rows["batch_size"]
+    rate = (_median_rate(trained, "train_s", per_ex, task=cfg.task, method=cfg.method)
+            or _median_rate(trained, "train_s", per_ex, task=cfg.task) or EXAMPLE_TOKENS[cfg.task] / TOKENS_PER_S)
+    n_seen = _steps(cfg, cfg.n_train + cfg.augment) * cfg.batch_size if cfg.method != "zero-shot" else 0
+    eval_rate = (_median_rate(done, "eval_s", lambda r: r["n_test"], task=cfg.task, eval_mode=cfg.eval_mode)
+                 or 1 / EXAMPLES_PER_S[cfg.task])
+    mode = cfg.teacher_mode or "json"
+    synth = cfg.augment * SYNTH_S_PER_REQUEST[mode] + ADAPT_S * cfg.adapt_teacher if synthetic and cfg.augment else 0.0
+    return train * rate * n_seen + eval_rate * (cfg.limit or _test_size(cfg.task)) + synth
+
+# %% ../nbs/07_experiments.ipynb #98a1bb28
+def grid_cost(configs:list, # `ExperimentConfig`s
+              results:str|Path|"pd.DataFrame", # results CSV (or its rows): what is done, and the rates
+              cache:str|Path|None=None, # experiment cache: synthetic sets already there cost nothing
+             ) -> "pd.DataFrame":
+    "One row per config: key, what it is, steps at most, done, estimated minutes (0 when done); `attrs['todo_hours']`."
+    import pandas as pd
+    done = results if isinstance(results, pd.DataFrame) else (read_results(results) if Path(results).exists()
+                                                              else pd.DataFrame(columns=RESULT_COLUMNS))
+    cache = Path(cache) if cache is not None else default_cache()
+    keys, seen_train, seen_syn, rows = set(done["key"]), set(), set(), []
+    for c in configs:
+        is_done = c.key() in keys
+        syn = synthetic_path(c, cache) if c.augment else None
+        fresh_syn = syn is not None and syn not in seen_syn and not syn.exists()
+        sec = 0.0 if is_done else run_cost(c, done, train=c.train_key() not in seen_train, synthetic=fresh_syn)
+        if not is_done: seen_train.add(c.train_key()); seen_syn.add(syn)
+        steps = _steps(c, c.n_train + c.augment) if c.method != "zero-shot" else 0
+        rows.append({"key": c.key(), "task": c.task, "label": c.label, "r": c.r, "n_train": c.n_train, "steps_at_most": steps,
+                     "done": is_done, "minutes": round(sec / 60, 1)})
+    out = pd.DataFrame(rows)
+    out.attrs["todo_hours"] = round(out["minutes"].sum() / 60, 1) if len(out) else 0.0
+    return out
+
+# %% ../nbs/07_experiments.ipynb #c8fe850a
+PAPER_SIZES = {"legal": 500, "medical": 300, "finance": 800} # Table 3.1's real training examples per task in the paper
+
+def paper_grid(tasks=("legal", "medical", "finance"), # tasks of Table 3.1
+               curve_tasks=("legal", "medical"), # tasks of the scaling curves and the rank sweep
+               sizes=(50, 100, 200, 500), # data sizes of the scaling curves
+               rank_sizes=(50, 500), # the two data sizes of the rank sweep
+               epochs:float=3.0, # passes over the data; early stopping on validation loss ends most runs sooner
+               max_steps:int=2000, # a guard only
+               n_synthetic:int=100, # synthetic examples requested by every augmented run
+               seeds=(0,), # one run per seed
+               **kw, # more `ExperimentConfig` fields
+              ) -> list:
+    "Every run of the paper's tables: Table 3.1 at the paper's sizes, scaling with and without synthetic data, ranks."
+    tasks, curve_tasks = [tasks] if isinstance(tasks, str) else tasks, [curve_tasks] if isinstance(curve_tasks, str) else curve_tasks
+    limit = kw.pop("limit", None)
+    budget = lambda t: dict(epochs=epochs, max_steps=max_steps, seeds=seeds, limit=limit or _test_size(t)) | kw  # whole test split
+    syn = lambda t: dict(augment=n_synthetic, teacher_mode="label" if _task_kind(t) == "classification" else "two_step",
+                         adapt_teacher=True)
+    table = [replace(c, **syn(c.task)) if c.augment else c for t in tasks for c in method_grid(t, n_train=PAPER_SIZES[t], **budget(t))]
+    table += [ExperimentConfig(t, "lora", n_train=PAPER_SIZES[t], balance="oversample", seed=s,
+                               **{k: v for k, v in budget(t).items() if k != "seeds"})
+              for s in seeds for t in tasks if _task_kind(t) == "classification"]
+    curves = [replace(c, **syn(c.task)) if c.augment else c for t in curve_tasks for c in scaling_grid(t, sizes=sizes, **budget(t))]
+    ranks = [c for t in curve_tasks for c in rank_grid(t, n_train=tuple(rank_sizes), **budget(t))]
+    return list({c.key(): c for c in table + curves + ranks}.values())  # a run two tables share, once
+
 # %% ../nbs/07_experiments.ipynb #244965ad
 PAPER_CLAIMS = {"qlora_share_of_full": 95.0, "qlora_synthetic_share_of_full": 98.5, "augmented_share_of_peak_at_50": 85.0,
                 "effective_multiplier": 3.2}
@@ -793,6 +880,10 @@ def _grid_from_args(a) -> list:
     kw = _given(a, *_CONFIG_OPTIONS)
     aug = a.augment_count if a.augment_count is not None else True
     sizes = {"sizes": tuple(a.sizes)} if a.sizes else {}
+    if a.grid == "paper":
+        kw = {k: v for k, v in kw.items() if k not in ("epochs", "max_steps")} | _given(a, "epochs", "max_steps")
+        n_syn = {"n_synthetic": a.augment_count} if a.augment_count is not None else {}
+        return paper_grid(a.task, curve_tasks=[t for t in a.task if t != "finance"], seeds=a.seeds, **n_syn, **kw)
     if a.grid == "methods":
         cfgs = method_grid(a.task, seeds=a.seeds, **_given(a, "methods", "augmented", "n_train", "r"), **kw)
         return [replace(c, augment=aug) if c.augment else c for c in cfgs]
@@ -816,7 +907,7 @@ def _experiment_parser():
     g = lambda f, name: inspect.signature(f).parameters[name].default  # a grid function's own default
     words = lambda xs: " ".join(map(str, xs))
     p = argparse.ArgumentParser(prog="vrnx experiment", description=main_experiment.__doc__)
-    p.add_argument("grid", choices=["methods", "scaling", "ranks", "balance", "augment", "table", "plot"], help="which grid to run, or what to show")
+    p.add_argument("grid", choices=["methods", "scaling", "ranks", "balance", "augment", "paper", "table", "plot"], help="which grid to run, or what to show")
     p.add_argument("--task", nargs="+", default=None, help="tasks (default: all three for methods, legal otherwise)")
     p.add_argument("--results", default="experiments/results.csv", help="results CSV (default %(default)s)")
     p.add_argument("--cache", default=None, help="training outputs and synthetic data (default $VRNX_EXPERIMENTS_CACHE or ~/.cache/vrnx_nb/experiments)")
@@ -861,21 +952,26 @@ def _experiment_parser():
     p.add_argument("--teacher", default=None, help=f"teacher model served locally (default {d('teacher')})")
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--out", default=None, help="folder for the PNGs of `plot` (default: beside the results)")
-    p.add_argument("--dry-run", action="store_true", help="list the runs and whether each is done; run nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the runs, whether each is done and its estimated minutes (`grid_cost`); run nothing")
     p.add_argument("--keep-weights", action="store_true", help="keep full fine-tuning weights after scoring")
     return p
 
 def main_experiment(argv:list|None=None) -> int:
     "`vrnx experiment`: run the method / scaling / rank grids into a results CSV; print the table; write the plots."
     a = _experiment_parser().parse_args(argv)
-    a.task = a.task or (["legal", "medical", "finance"] if a.grid in ("methods", "table", "plot") else ["legal"])
+    a.task = a.task or (["legal", "medical", "finance"] if a.grid in ("methods", "paper", "table", "plot") else ["legal"])
     try:
         if a.grid == "table": return _show_table(a)
         if a.grid == "plot": return _write_plots(a)
         cfgs = _grid_from_args(a)
         if a.dry_run:
-            done = set(read_results(a.results)["key"]) if Path(a.results).exists() else set()
-            for c in cfgs: print(f"{c.key()}  {'done' if c.key() in done else 'todo'}  {c.task:8} {c.label:18} r={c.r:<4} n={c.n_train:<5} steps<={c.max_steps} limit={c.limit}")
+            cost = grid_cost(cfgs, a.results, a.cache)
+            for c, m in zip(cfgs, cost["minutes"]):
+                print(f"{c.key()}  {'done' if m == 0 else 'todo'}  {c.task:8} {c.label:18} r={c.r:<4} n={c.n_train:<5} "
+                      f"steps<={c.max_steps} limit={c.limit}  ~{m:g} min")
+            print(f"{(~cost['done']).sum()} of {len(cfgs)} runs to do: about {cost.attrs['todo_hours']:g} hours on this machine "
+                  "(training at most; early stopping ends runs sooner)")
             return 0
         before = len(read_results(a.results)) if Path(a.results).exists() else 0
         rows = run_grid(cfgs, a.results, a.cache, keep_weights=a.keep_weights, n_boot=a.n_boot)
