@@ -158,8 +158,9 @@ def test_cli_augment_grid_lists_its_arms_and_reuses_the_balance_rows(tmp_path, c
     plain = [c for c in balance_grid("legal", sizes=(50,), max_steps=80, learning_rate=1e-3) if c.method == "lora" and not c.calibrate]
     for c in plain: append_result(res, {k: "" for k in RESULT_COLUMNS} | c.__dict__ | {"key": c.key(), "label": c.label, "metric": "accuracy", "score": 0.9})
     assert main_experiment(["augment", "--task", "legal", "--lr", "1e-3", "--augment-count", "40", "--dry-run", "--results", str(res)]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    *lines, total = capsys.readouterr().out.strip().splitlines()
     assert [l.split()[1] for l in lines] == ["done", "done", "todo", "todo", "todo"]
+    assert total.startswith("3 of 5 runs to do: about ") and all(l.endswith(" min") for l in lines)
     assert "synthetic (adapted teacher)" in lines[3] and "steps<=160" in lines[4]
     assert main_experiment(["augment", "--task", "medical", "--classifier-threshold", "0.5", "--results", str(res)]) == 2
 
