@@ -35,7 +35,7 @@ def test_config_fields_are_checked():
     assert AdaptConfig(r=8).lora_alpha == 16
     for bad, msg in [(dict(max_steps=0), "AdaptConfig.max_steps: expected a positive integer, got 0"),
                      (dict(batch_size=2.5), "AdaptConfig.batch_size: expected a positive integer, got 2.5"),
-                     (dict(learning_rate=0), "AdaptConfig.learning_rate: expected a value in (0, 1), got 0"),
+                     (dict(learning_rate=0), "AdaptConfig.learning_rate: expected a number in (0, 1), got 0"),
                      (dict(lora_alpha=-1), "AdaptConfig.lora_alpha: expected a positive integer or None, got -1"),
                      (dict(seed=-1), "AdaptConfig.seed: expected an integer >= 0, got -1")]:
         with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)")): AdaptConfig(**bad)

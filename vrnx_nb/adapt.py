@@ -12,6 +12,7 @@ from dataclasses import dataclass, asdict, field, replace
 from pathlib import Path
 import numpy as np
 from .tasks import Task, Example
+from .checks import validate, positive_int, number_in, int_at_least
 
 # %% auto #0
 __all__ = ['ADAPT_VERSION', 'ADAPT_FILE', 'INPUT_PROMPT', 'AdaptConfig', 'label_prompt', 'question_prompt',
@@ -34,17 +35,8 @@ class AdaptConfig:
     seed: int = 0 # LoRA init and data order
 
     def __post_init__(self):
-        is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
-        for name in ("max_steps", "r", "batch_size", "max_length", "lora_alpha"):
-            v = getattr(self, name)
-            if name == "lora_alpha" and v is None: continue
-            if not is_int(v) or v <= 0:
-                none = " or None" if name == "lora_alpha" else ""
-                raise ValueError(f"AdaptConfig.{name}: expected a positive integer{none}, got {v!r}")
-        lr = self.learning_rate
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < 1:
-            raise ValueError(f"AdaptConfig.learning_rate: expected a value in (0, 1), got {lr!r}")
-        if not is_int(self.seed) or self.seed < 0: raise ValueError(f"AdaptConfig.seed: expected an integer >= 0, got {self.seed!r}")
+        validate(self, {**{n: positive_int for n in ("max_steps", "r", "batch_size", "max_length")}, "lora_alpha": positive_int | None,
+                        "learning_rate": number_in(0, 1, closed="neither"), "seed": int_at_least(0)})
         if self.lora_alpha is None: self.lora_alpha = 2*self.r
 
 # %% ../nbs/04c_adapt.ipynb #733df84c
