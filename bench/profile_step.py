@@ -1,5 +1,5 @@
 """Where a training step's time goes: torch profiler over vrnx's own step (collator, shared prefix, sliced logits,
-completion loss, AdamW) for LoRA and full fine-tuning of SmolLM2-135M on legal batches.
+completion loss, AdamW) for LoRA, full fine-tuning, QLoRA and the bottleneck adapter of SmolLM2-135M on legal batches.
 
 Each method builds its model with `vrnx_nb.training.build_model`, collates real legal batches (8 oversampled
 examples) with `train_collator`, runs warm-up steps unprofiled, then profiles `--steps` steps. The self CPU time of
@@ -8,7 +8,8 @@ optimizer, copies and layout, other); the phases (forward, backward, optimizer s
 ranges. Writes bench/results/profile_step.csv (method, group 'phase' or 'kind', name, ms per step, share) that the
 training notebook reads.
 
-    .venv/bin/python bench/profile_step.py                         # LoRA and full, 3 profiled steps each
+    .venv/bin/python bench/profile_step.py                         # lora, full, qlora, adapter, 3 profiled steps each
+    .venv/bin/python bench/profile_step.py --methods qlora --top 20  # also the 20 operators with the most self time
     .venv/bin/python bench/profile_step.py --model tiny --steps 1 --out /tmp/p.csv    # script check
 """
 import argparse, csv, os, time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 OUT_CSV = Path(__file__).parent/"results"/"profile_step.csv"
 KINDS = {  # operator name fragments -> kind; first match wins
+    "bitsandbytes 4-bit": ("dequantize", "gemm_4bit", "matmul4bit"),  # QLoRA: unpacking 4-bit weights, its autograd wrappers
     "attention": ("scaled_dot_product", "flash_attention", "_efficient_attention", "softmax_backward", "aten::softmax"),
     "loss": ("log_softmax", "nll_loss", "cross_entropy"),
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear", "aten::dot"),
@@ -51,7 +53,7 @@ def summarise(events, n_steps:int) -> list[dict]:
     return rows
 
 
-def profile_method(model_name:str, method:str, steps:int, warmup:int, batch_size:int, seed:int) -> list[dict]:
+def profile_method(model_name:str, method:str, steps:int, warmup:int, batch_size:int, seed:int, top:int=0) -> list[dict]:
     "Profile `steps` training steps of `method`; returns the summary rows."
     import torch
     from torch.profiler import profile, ProfilerActivity, record_function
@@ -78,6 +80,10 @@ def profile_method(model_name:str, method:str, steps:int, warmup:int, batch_size
         for b in batches[warmup:]: step(b)
     wall = time.perf_counter() - t0
     out = summarise(prof.key_averages(), steps)
+    if top:
+        ev = sorted((e for e in prof.key_averages() if e.key not in PHASES and not e.key.startswith("ProfilerStep")),
+                    key=lambda e: -e.self_cpu_time_total)[:top]
+        for e in ev: print(f"    top {e.key[:60]:60s} {e.self_cpu_time_total/1e3/steps:9.1f} ms/step  x{e.count//steps}", flush=True)
     threads, load = torch.get_num_threads(), round(os.getloadavg()[0], 2)
     for r in out: r.update(method=method, model=model_name, steps=steps, batch_size=batch_size, threads=threads, load_avg=load,
                            wall_s_per_step=round(wall/steps, 2))
@@ -87,16 +93,17 @@ def profile_method(model_name:str, method:str, steps:int, warmup:int, batch_size
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--methods", default="lora,full")
+    ap.add_argument("--methods", default="lora,full,qlora,adapter")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--top", type=int, default=0, help="also print the N operators with the most self time")
     ap.add_argument("--out", default=str(OUT_CSV))
     a = ap.parse_args(argv)
     rows = []
     for m in a.methods.split(","):
-        got = profile_method(a.model, m, a.steps, a.warmup, a.batch_size, a.seed); rows += got
+        got = profile_method(a.model, m, a.steps, a.warmup, a.batch_size, a.seed, a.top); rows += got
         print(f"{m}: {got[0]['wall_s_per_step']} s a step (profiled), load {got[0]['load_avg']}", flush=True)
         for r in got: print(f"  {r['group']:5s} {r['name']:30s} {r['ms_per_step']:9.1f} ms  {r['share']:.0%}")
     cols = ["method", "model", "group", "name", "ms_per_step", "share", "steps", "batch_size", "threads", "load_avg", "wall_s_per_step"]

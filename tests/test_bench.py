@@ -21,11 +21,37 @@ def test_kinds_aliases_order_and_unknown_names():
     with pytest.raises(ValueError, match="unknown kind 'lorra'.*naive-lora"): tt.canonical_kinds("lora,lorra")
 
 
-def test_lora_kinds_alternate_over_rounds_and_the_others_run_once():
-    order = tt.run_order(["full", "naive-lora", "lora", "qlora", "trl-lora"], 2)
-    assert order == [(0, "naive-lora"), (0, "lora"), (0, "trl-lora"), (1, "naive-lora"), (1, "lora"), (1, "trl-lora"),
-                     (0, "full"), (0, "qlora")]
+def test_every_kind_runs_once_a_round_in_the_same_order():
+    order = tt.run_order(["naive-lora", "lora", "trl-lora", "full", "qlora"], 2)
+    assert order == [(0, "naive-lora"), (0, "lora"), (0, "trl-lora"), (0, "full"), (0, "qlora"),
+                     (1, "naive-lora"), (1, "lora"), (1, "trl-lora"), (1, "full"), (1, "qlora")]
     assert tt.run_order(["lora"], 1) == [(0, "lora")]
+
+
+def test_window_rates_leave_out_the_warmup_steps():
+    # (seconds, useful, processed, logit rows) at the start and after each of 4 steps
+    marks = [(0.0, 0, 0, 0), (9.0, 100, 80, 10), (11.0, 300, 240, 30), (12.0, 400, 320, 40), (14.0, 600, 480, 60)]
+    r = tt.window_rates(marks, 1)  # steps 2-4: 500 tokens in 5 s; the 9 s first step is left out
+    assert r["useful_tokens_per_s"] == 100.0 and r["processed_per_useful"] == 0.8 and r["logits_per_useful"] == 0.1
+    assert r["step_seconds"] == [9.0, 2.0, 1.0, 2.0] and r["step_tokens"] == [100, 200, 100, 200] and r["timed_steps"] == 3
+    assert tt.window_rates(marks, 2)["useful_tokens_per_s"] == 300 / 3
+    assert tt.window_rates(marks, 0)["useful_tokens_per_s"] == 600 / 14
+    with pytest.raises(RuntimeError, match="no timed steps: 4 step.*--steps 5"): tt.window_rates(marks, 4)
+
+
+def test_executed_flops_count_the_vocabulary_projection_only_where_it_runs():
+    n, nt, head = 1000, 10, 300  # head: vocab x hidden
+    assert tt.executed_flops_per_token("lora", n, nt, head, 1.0, 1.0) == tt.flops_per_token("lora", n, nt)  # nothing skipped
+    assert tt.executed_flops_per_token("lora", n, nt, head, 0.8, 0.1) == 0.8 * (4020 - 1200) + 0.1 * 1200
+    assert tt.executed_flops_per_token("full", n, n, head, 1.0, 0.0) == 6000 - 1800
+    assert tt.executed_flops_per_token("naive-lora", n, nt, head, 4.0, 4.0) == 4 * 4020  # padded rows: all run
+
+
+def test_share_line_is_the_mean_over_rounds_with_the_range():
+    rows = [{"kind": "qlora", "useful_share_of_peak": s, "executed_share_of_peak": e} for s, e in ((0.5, 0.4), (0.7, 0.5), (0.63, 0.45))]
+    line = tt.share_line(rows, "qlora", 0.6)
+    assert "61% mean of 3 round(s) (range 50%-70%)" in line and "executed FLOPs 45% (40%-50%)" in line and line.endswith(" MET")
+    assert tt.share_line(rows[:1], "qlora", 0.6).endswith("NOT MET") and "n/a" in tt.share_line(rows, "adapter", 0.6)
 
 
 def test_flops_per_token_6n_full_and_4n_plus_2_trainable_otherwise():
