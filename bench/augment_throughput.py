@@ -2,10 +2,14 @@
 requests that yield a parsed example, the share kept after the filter, and kept examples per minute at batch 8 vs 1.
 
 One run per (mode, batch size), the same requests in each (same seeds, no reply cache), so a mode's replies match
-across batch sizes up to batched-kernel rounding and the difference is throughput. Modes:
+across batch sizes up to batched-kernel rounding and the difference is throughput. The teacher decodes all of a run's
+requests with `batch` rows in flight (`LocalTeacher.complete`: continuous batching on `generation.generate_batched`,
+a finished row refilled from the requests still waiting, each request sampled with its own seeded generator); the
+default 32 requests give batch 8 refills to do, as a real run of hundreds would. Modes:
 - `label`: label-conditioned (the pipeline picks the label, rare labels first; the teacher writes only the clause);
 - `json`: the teacher writes a JSON object, held to the task's schema by constrained decoding when xgrammar is
-  installed (else free decoding: the row's `constrained` column says which);
+  installed (else free decoding: the row's `constrained` column says which); the schema's text bound is lowered until
+  any seed's text cut there fits in `--max-tokens` with the rest of the object (`text_max_chars` column);
 - `label-adapted`: label-conditioned, from the teacher LoRA-tuned on the seeds first (`vrnx_nb.adapt.adapt_teacher`,
   the offline default of `vrnx augment`; cached by the seeds' hash, its one-off tuning time in `adapt_s`, not in the
   per-minute figures).
@@ -17,7 +21,7 @@ Writes bench/results/augment_throughput.csv (one row per run; `load_avg_1m_at_st
 and prints last, per mode, the parsed share (target >= 95%), the kept share after the filter (the paper reports
 60-70%) and the kept-per-minute ratio of batch 8 to batch 1 (target >= 3x).
 
-    .venv/bin/python bench/augment_throughput.py                          # legal, 16 requests, 96 tokens, all modes
+    .venv/bin/python bench/augment_throughput.py                          # legal, 32 requests, 96 tokens, all modes
     .venv/bin/python bench/augment_throughput.py --modes label --n 8      # quicker
     .venv/bin/python bench/augment_throughput.py --model tiny --n 4 --max-tokens 16 --out /tmp/a.csv   # script check
 """
@@ -66,6 +70,9 @@ def run(teacher, task, mode, n, batch, max_tokens, seed, n_shots, adapt_s=None):
            "parsed_per_min": round(len(syn)/wall*60, 3), "kept_per_min": round(len(kept)/wall*60, 3)}
     row.update(stage_counts(pipe))
     row.update(quality_threshold=round(pipe.quality_threshold_used, 3), quality_threshold_how=pipe.threshold_how)
+    row["text_max_chars"] = pipe.schema["properties"][next(iter(pipe.schema["properties"].keys() - {"label"}))].get("maxLength", "") \
+        if pipe.schema else ""
+    row["truncated"] = sum(r["reason"] == "truncated" for r in pipe.rejected if r.get("stage") == "generation")
     return row, pipe
 
 
@@ -93,7 +100,7 @@ def main(argv=None):
     ap.add_argument("--model", default="smollm2-135m", help="alias or model folder of the teacher")
     ap.add_argument("--task", default="legal")
     ap.add_argument("--n-seed", type=int, default=50, help="seed examples (the task's first n training examples)")
-    ap.add_argument("--n", type=int, default=16, help="requests per run")
+    ap.add_argument("--n", type=int, default=32, help="requests per run")
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--n-shots", type=int, default=2, help="few-shot seeds per request")
     ap.add_argument("--modes", default="label,json,label-adapted")

@@ -795,3 +795,61 @@ def test_quality_threshold_is_calibrated_on_the_seeds_so_real_clauses_pass():
 def test_bad_quality_settings(kw, msg):
     with pytest.raises(ValueError) as e: SyntheticPipeline(**kw)
     assert msg in str(e.value)
+
+
+# ---------------------------------------------------------------- continuous batching and token budgets (issue 17 item 6)
+
+def test_local_teacher_same_seed_same_reply_at_batch_1_and_4(tiny_teacher, legal, monkeypatch):
+    "Each request samples with its own generator: batch 1 in order and batch 4 (sorted, rows refilled) give one reply each."
+    import vrnx_nb.generation as G
+    convs = [[{"role": "user", "content": f"Write clause {i} about " + "the terms " * (i % 4)}] for i in range(7)]
+    seeds = [11 * i + 5 for i in range(7)]
+    one = tiny_teacher.complete(convs, seeds, max_new_tokens=12, temperature=0.9, top_p=0.95, batch_size=1)
+    widths, step = [], G._step
+    def counted(model, rows, st, arg): widths.append(len(rows)); return step(model, rows, st, arg)
+    monkeypatch.setattr(G, "_step", counted)
+    done = []
+    four = tiny_teacher.complete(convs, seeds, max_new_tokens=12, temperature=0.9, top_p=0.95, batch_size=4,
+                                 on_reply=lambda i, r: done.append(i))
+    assert [r["text"] for r in four] == [r["text"] for r in one] and len({r["text"] for r in one}) == 7
+    assert [r["usage"] for r in four] == [r["usage"] for r in one]
+    assert max(widths) == 4 and sorted(done) == list(range(7))   # never more than 4 rows; every reply reported once
+    assert tiny_teacher.complete(convs[:3], [1, 2, 3], max_new_tokens=12, batch_size=2)[0]["text"] != one[0]["text"]
+    # under the grammar, too: each request keeps its own matcher through refills
+    sch = {"type": "object", "properties": {"label": {"type": "string", "enum": legal.labels},
+                                            "text": {"type": "string", "minLength": 1, "maxLength": 12}},
+           "required": ["label", "text"], "additionalProperties": False}
+    c1 = tiny_teacher.complete(convs, seeds, max_new_tokens=80, json_schema=sch, batch_size=1)
+    c4 = tiny_teacher.complete(convs, seeds, max_new_tokens=80, json_schema=sch, batch_size=4)
+    assert [r["text"] for r in c4] == [r["text"] for r in c1]
+    assert all(r["finish_reason"] == "stop" and reply_errors(r["text"], sch) == [] for r in c4)
+
+
+def test_pipeline_keeps_concurrency_rows_in_flight_over_all_requests(legal, tiny_teacher, monkeypatch, no_http):
+    "The pipeline hands the teacher every pending request at once, `concurrency` rows decoding, not chunks of that size."
+    calls, real = [], tiny_teacher.complete
+    def complete(conversations, seeds, **kw):
+        calls.append((len(conversations), kw["batch_size"])); return real(conversations, seeds, **kw)
+    monkeypatch.setattr(tiny_teacher, "complete", complete)
+    pipe = SyntheticPipeline(teacher_model=tiny_teacher, cache_path=False, max_tokens=6, concurrency=3)
+    pipe.generate(legal.train, 8, task=legal)
+    assert calls == [(8, 3)] and pipe.usage.calls == 8
+
+
+def test_constrained_schema_fits_the_token_limit(legal, tiny_teacher):
+    "In process, the text cap is lowered until the object with any seed's text cut at the cap fits `max_tokens`."
+    tok = tiny_teacher.tokenizer
+    n = lambda s: len(tok(s, add_special_tokens=False)["input_ids"])
+    for max_tokens in (48, 96, 160):
+        pipe = SyntheticPipeline(teacher_model=tiny_teacher, mode="json", cache_path=False, max_tokens=max_tokens)
+        pipe.profile, pipe._task = profile_seeds(legal.train, legal), legal
+        cap = pipe._schema(legal.train)["properties"]["text"]["maxLength"]
+        assert cap < 1.5 * max(len(e.input) for e in legal.train)  # tighter than the length filter's bound
+        longest = max(legal.labels, key=n)
+        worst = max(n(json.dumps({"label": longest, "text": e.input[:cap]}, ensure_ascii=False)) for e in legal.train)
+        assert worst + 1 <= max_tokens, (max_tokens, cap, worst)   # + the stop token
+        assert worst + 1 >= 0.6 * max_tokens                        # and the bound is not far below it
+    # short seeds keep the length filter's bound
+    pipe = SyntheticPipeline(teacher_model=tiny_teacher, mode="json", cache_path=False, max_tokens=96)
+    pipe.profile, pipe._task = profile_seeds(short_seeds(legal), legal), legal
+    assert pipe._schema(short_seeds(legal))["properties"]["text"]["maxLength"] == 24

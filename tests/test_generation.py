@@ -252,3 +252,43 @@ def test_joined_rows_step_like_rows_prefilled_together(varied, legal):
     torch.testing.assert_close(G._step(model, picked, st, arg), G._step(model, together, st, arg)[[4, 1]],
                                atol=1e-3, rtol=0)
 
+
+
+# --- sampling per prompt (issue 17 item 6) ----------------------------------------------------------------------------
+
+def test_sampler_same_seed_same_sample_at_any_batch_size_and_order(varied, legal):
+    "Each prompt draws from its own generator: batch 1 in order and batch 4 sorted with refills give the same samples."
+    model, tok = varied
+    enc = [tok(render_prompt(legal, e, tok), add_special_tokens=False)["input_ids"] for e in legal.test[:10]]
+    seeds = [50 + 3 * i for i in range(10)]
+    alone = G._greedy_stream(model, enc, list(range(10)), 1, 8, set(), tok.pad_token_id, pick=G.Sampler(seeds, 0.8, 0.9))
+    stop = {alone[1][2], alone[6][4]}  # rows end early and others join mid-decode
+    cut = [s[:next((k for k, t in enumerate(s) if t in stop), len(s))] for s in alone]
+    order = sorted(range(10), key=lambda i: -len(enc[i]))
+    admits, admit = [], G._admit
+    def counted(*a, **k): admits.append(1); return admit(*a, **k)
+    with mock.patch.object(G, "_admit", counted):
+        got = G._greedy_stream(model, enc, order, 4, 8, stop, tok.pad_token_id, pick=G.Sampler(seeds, 0.8, 0.9))
+    assert got == cut and len(admits) > 1
+    assert G._greedy_stream(model, enc, order, 4, 8, set(), tok.pad_token_id, pick=G.Sampler(seeds[::-1], 0.8, 0.9)) != alone
+    greedy = G._greedy_stream(model, enc, order, 4, 8, set(), tok.pad_token_id)
+    assert G._greedy_stream(model, enc, order, 4, 8, set(), tok.pad_token_id, pick=G.Sampler(seeds, 0)) == greedy
+
+
+def test_sampler_constraint_sees_each_rows_own_prompt(varied, legal):
+    "A per-prompt mask follows its prompt through sorting and refills, and is told exactly the tokens drawn."
+    model, tok = varied
+    prompts = [render_prompt(legal, e, tok) for e in legal.test[:6]]
+    class Parity:
+        seen = {}
+        def mask_(self, rows, logits):
+            ids = torch.arange(logits.shape[-1])
+            for r, i in enumerate(rows): logits[r, ids % 2 != i % 2] = float("-inf")
+        def accept(self, rows, tokens):
+            for i, t in zip(rows, tokens): self.seen.setdefault(i, []).append(t)
+    con, replies = Parity(), {}
+    out = generate_batched(model, tok, prompts, batch_size=4, max_new_tokens=5, stop=set(), return_ids=True,
+                           pick=G.Sampler(list(range(6)), 1.0, constraint=con), on_reply=lambda i, ids: replies.update({i: ids}))
+    assert all(t % 2 == i % 2 for i, r in enumerate(out) for t in r) and all(len(r) == 5 for r in out)
+    assert con.seen == dict(enumerate(out)) == replies
+    with pytest.raises(ValueError, match="temperature must be >= 0"): G.Sampler([1], -1)

@@ -744,24 +744,23 @@ def _import_xgrammar():
                           "'vrnx_nb[structured]'); or pass structured=False to ask for JSON without constraint") from e
     return xgrammar
 
-class _SeededSampler:
-    "Logits processor: sample one token per row with that row's own generator; every other token gets -inf."
-    def __init__(self, seeds:list, temperature:float, top_p:float):
-        import torch
-        self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        self.temperature, self.top_p = temperature, top_p
+class _GrammarConstraint:
+    "Per-request xgrammar matchers for `generation.Sampler`: each row masked by its own request's matcher, then advanced."
+    def __init__(self, compiled, n:int): # a compiled grammar; the number of requests
+        self.xgr = _import_xgrammar()
+        self.matchers = [self.xgr.GrammarMatcher(compiled) for _ in range(n)]
+        self.vocab, self.bitmask = compiled.tokenizer_info.vocab_size, None
 
-    def __call__(self, input_ids, scores):
-        import torch
-        probs = torch.softmax(scores.float().cpu() / self.temperature, dim=-1)
-        if self.top_p < 1.0:
-            p, idx = probs.sort(dim=-1, descending=True)
-            p[(p.cumsum(-1) - p) > self.top_p] = 0.0   # the smallest set whose mass reaches top_p (the top token always stays)
-            probs = torch.zeros_like(probs).scatter_(-1, idx, p)
-        pick = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.gens)]).to(scores.device)
-        out = torch.full_like(scores, float("-inf"))
-        out[torch.arange(len(pick), device=scores.device), pick] = 0.0
-        return out
+    def mask_(self, prompts:list, logits): # rows' request indices; their (rows, vocab) logits, masked in place
+        if self.bitmask is None or self.bitmask.shape[0] < len(prompts):
+            self.bitmask = self.xgr.allocate_token_bitmask(len(prompts), self.vocab)
+        for r, i in enumerate(prompts): self.matchers[i].fill_next_token_bitmask(self.bitmask, r)
+        self.xgr.apply_token_bitmask_inplace(logits, self.bitmask[:len(prompts)].to(logits.device), vocab_size=self.vocab)
+
+    def accept(self, prompts:list, tokens:list):
+        for i, t in zip(prompts, tokens):
+            if not self.matchers[i].accept_token(int(t)):
+                raise RuntimeError(f"LocalTeacher: request {i}: the grammar rejected token {t} it had allowed")
 
 class LocalTeacher:
     "A causal LM in this process that answers chat requests in batches, each sampled with its own seed."
@@ -802,29 +801,36 @@ class LocalTeacher:
                  temperature:float=0.9, # 0: greedy
                  top_p:float=1.0, # nucleus sampling mass
                  json_schema:dict|None=None, # constrain every reply to this JSON schema (xgrammar); None: free text
+                 batch_size:int|None=None, # rows in flight (finished ones refilled from the rest); None: all at once
+                 on_reply:Callable|None=None, # on_reply(i, reply): called as request i's reply completes
                 ) -> list:
-        "One reply per conversation, in one batch: `{'text', 'finish_reason', 'usage'}` each."
+        "One reply per conversation, `batch_size` decoding at a time: `{'text', 'finish_reason', 'usage', 'latency_s'}` each."
         import torch
-        from transformers import GenerationConfig, LogitsProcessorList
+        from vrnx_nb.generation import generate_batched, Sampler
         if len(seeds) != len(conversations): raise ValueError(f"complete: {len(conversations)} conversations but {len(seeds)} seeds")
+        if not conversations: return []
         tok = self.tokenizer
         prompts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in conversations]
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=self.stop_ids, pad_token_id=tok.pad_token_id)
-        procs = LogitsProcessorList([_SeededSampler(seeds, temperature, top_p)] if temperature > 0 else [])
-        if json_schema is not None:  # masks what the schema forbids, before sampling; one per generate, a matcher per row
-            procs.insert(0, _import_xgrammar().contrib.hf.LogitsProcessor(self.grammar(json_schema)))
+        n_prompt = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+        con = None if json_schema is None else _GrammarConstraint(self.grammar(json_schema), len(prompts))
+        sampler = Sampler(seeds, temperature, top_p, con) if temperature > 0 or con is not None else None
+        started, replies = {}, [None] * len(prompts)
+        def pick(rows, logits):  # the first call for a request is its prefill: its latency counts from there
+            for i in rows.tolist(): started.setdefault(i, time.time())
+            return logits.argmax(-1) if sampler is None else sampler(rows, logits)
+        def done(i, ids):
+            stop = len(ids) < max_new_tokens  # a reply of max_new_tokens tokens ran out; a shorter one ended on a stop token
+            replies[i] = {"text": tok.decode(ids, skip_special_tokens=True), "finish_reason": "stop" if stop else "length",
+                          "usage": {"prompt_tokens": n_prompt[i], "completion_tokens": len(ids) + stop},
+                          "latency_s": round(time.time() - started.get(i, time.time()), 3)}
+            if on_reply is not None: on_reply(i, replies[i])
         before = torch.get_num_threads()
         if self.threads: torch.set_num_threads(self.threads)
         try:
-            with torch.inference_mode(): out = self.model.generate(**enc, generation_config=cfg, logits_processor=procs)
+            with torch.inference_mode():
+                generate_batched(self.model, tok, prompts, batch_size=batch_size or len(prompts), max_new_tokens=max_new_tokens,
+                                 stop=set(self.stop_ids), return_ids=True, pick=pick, on_reply=done)
         finally: torch.set_num_threads(before)
-        new, stops, replies = out[:, enc["input_ids"].shape[1]:].tolist(), set(self.stop_ids), []
-        for row, n_prompt in zip(new, enc["attention_mask"].sum(1).tolist()):
-            end = next((i for i, t in enumerate(row) if t in stops), None)
-            ids = row if end is None else row[:end]
-            replies.append({"text": tok.decode(ids, skip_special_tokens=True), "finish_reason": "length" if end is None else "stop",
-                            "usage": {"prompt_tokens": int(n_prompt), "completion_tokens": len(ids) + (end is not None)}})
         return replies
 
     def __repr__(self): return f"LocalTeacher({self.name!r} on {self.device})"
@@ -1199,20 +1205,19 @@ def _judge_support(self:SyntheticPipeline, sent:list, cache:ReplyCache, schema:d
 def _run_local(self:SyntheticPipeline, todo:list, params:dict, cache:ReplyCache, usage:Usage,
                schema:dict|None=None, # constrain the replies to it
                base:bool=False) -> list: # ask the untuned teacher (two_step targets after adapting)
-    "Answer `todo` with the in-process teacher, `concurrency` requests per batch; each batch goes to the cache when done."
+    "Answer `todo` with the in-process teacher, `concurrency` rows in flight over all of it; each reply cached as it ends."
     teacher = self.local_teacher(base)
-    order = sorted(todo, key=lambda r: len(json.dumps(r["messages"])))  # requests of similar length share a batch: less padding
-    for i in range(0, len(order), self.concurrency):
-        batch, t0 = order[i:i + self.concurrency], time.time()
-        outs = teacher.complete([r["messages"] for r in batch], [r["request_seed"] for r in batch], max_new_tokens=params["max_tokens"],
-                                temperature=params["temperature"], top_p=params.get("top_p", 1.0), json_schema=schema)
-        for r, o in zip(batch, outs):
-            cache.add({"key": r["key"], "index": r["index"], "seed": self.seed, "model": teacher.name, "reply": o["text"],
-                       "usage": o["usage"], "finish_reason": o["finish_reason"], "attempts": 1, "batch": len(batch),
-                       "latency_s": round(time.time() - t0, 3), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                       **({"constrained": "xgrammar"} if schema is not None else {})})
-            usage.calls += 1
-            usage.prompt_tokens += o["usage"]["prompt_tokens"]; usage.completion_tokens += o["usage"]["completion_tokens"]
+    def got(i, o):
+        r = todo[i]
+        cache.add({"key": r["key"], "index": r["index"], "seed": self.seed, "model": teacher.name, "reply": o["text"],
+                   "usage": o["usage"], "finish_reason": o["finish_reason"], "attempts": 1, "batch": self.concurrency,
+                   "latency_s": o["latency_s"], "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                   **({"constrained": "xgrammar"} if schema is not None else {})})
+        usage.calls += 1
+        usage.prompt_tokens += o["usage"]["prompt_tokens"]; usage.completion_tokens += o["usage"]["completion_tokens"]
+    teacher.complete([r["messages"] for r in todo], [r["request_seed"] for r in todo], max_new_tokens=params["max_tokens"],
+                     temperature=params["temperature"], top_p=params.get("top_p", 1.0), json_schema=schema,
+                     batch_size=self.concurrency, on_reply=got)
     return []
 
 @patch
@@ -1285,16 +1290,36 @@ def _synthetic(r:dict, inp:str, target:str, recs:list, pipe) -> Example:
                          "axes": r["axes"], "shots": r["shots"], "teacher": pipe.teacher_name,
                          "finish_reason": recs[0].get("finish_reason"), **({"target_finish_reason": recs[1].get("finish_reason")} if len(recs) > 1 else {})})
 
+def _token_caps(caps:dict, # field -> most characters (the length filter's bound)
+                schema:dict, # the schema with those caps (`task_schema`)
+                tokenizer, # the teacher's tokenizer
+                texts:dict, # field -> the seeds' strings of that field
+                max_tokens:int, # the reply's token limit
+               ) -> dict:
+    "`caps` lowered until the object, with any seed's text cut at its field's cap, fits in `max_tokens`."
+    n = lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])
+    props = schema["properties"]
+    skeleton = json.dumps({k: max(p["enum"], key=n) if "enum" in p else "" for k, p in props.items()})  # xgrammar's separators
+    room = max(0, max_tokens - n(skeleton) - 1 - len(caps))  # the stop token; one per string, where its text and quote may merge
+    out, share = {}, sum(caps.values())
+    for f, cap in caps.items():
+        budget = room*cap/share  # the field's tokens, split as the caps are
+        while cap > 1 and (worst := max(n(t[:cap]) for t in texts[f])) > budget:
+            cap = max(1, min(cap - 1, math.floor(cap*budget/worst)))
+        out[f] = cap
+    return out
+
 @patch
 def _schema(self:SyntheticPipeline, seeds:list) -> dict:
-    "The run's reply schema; in process, text fields end where the length filter would drop them anyway (strings that end)."
+    "The run's reply schema; in process, text fields bounded so that strings end and the reply fits `max_tokens`."
     src = self._task if self._task is not None else self.profile
     if not self.local: return task_schema(src)  # endpoints: the subset strict servers take, no length bounds
     ik, tk = _io_keys(list(SCHEMA_FIELDS[self.profile.kind]))
     slack = 1 + self.length_slack
-    caps = {ik: math.ceil(slack*max(len(e.input) for e in seeds))}
-    if tk != "label": caps[tk] = math.ceil(slack*max(len(e.target) for e in seeds))
-    return task_schema(src, caps)
+    caps, texts = {ik: math.ceil(slack*max(len(e.input) for e in seeds))}, {ik: [e.input for e in seeds]}
+    if tk != "label": caps[tk], texts[tk] = math.ceil(slack*max(len(e.target) for e in seeds)), [e.target for e in seeds]
+    fit = _token_caps(caps, task_schema(src, caps), self.local_teacher().tokenizer, texts, self.max_tokens)
+    return task_schema(src, fit)
 
 @patch
 def generate(self:SyntheticPipeline,
@@ -1320,8 +1345,8 @@ def generate(self:SyntheticPipeline,
     self._check_classifier(self.profile.kind, task)
     self.adapted = None
     if self.adapt: self.adapted = self._adapt(seeds, task, task_description, mode)  # cached: the same seeds train once
+    if mode == "json" and self.structured and self.local: _import_xgrammar()  # missing: fail now, not after loading the model
     self.schema = schema = self._schema(seeds) if mode == "json" and self.structured else None
-    if schema is not None and self.local: _import_xgrammar()  # missing: fail now, not after loading the model
     instruction = task.instruction if task is not None else ""
     params = {"temperature": self.temperature, "max_tokens": self.max_tokens, **({"top_p": self.top_p} if self.top_p < 1 else {})}
     build = {"json": build_request, "label": build_label_request, "two_step": build_input_request}[mode]

@@ -1,4 +1,4 @@
-"""Batched greedy generation and label log-likelihoods: shared prefixes kept once, a growing cache, continuous batching.
+"""Batched generation (greedy, or sampled per prompt) and label log-likelihoods: shared prefixes kept once, a growing cache, continuous batching.
 
 Docs: https://vrnx.github.io/vrnx_nb/generation.html.md"""
 
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['stop_token_ids', 'Rows', 'generate_batched', 'scored_completion_ids', 'label_logliks']
+__all__ = ['stop_token_ids', 'Rows', 'Sampler', 'generate_batched', 'scored_completion_ids', 'label_logliks']
 
 # %% ../nbs/06b_generation.ipynb #5345c2a9
 def _first_param(model): return next(model.parameters())
@@ -375,12 +375,14 @@ class Rows:
         cat = lambda a, b: None if a is None else torch.cat([a, b])
         return Rows(cache, mask, *(cat(a, b) for a, b in zip(self._fields()[1:], other._fields()[1:])))
 
-def _admit(model, enc:list, take:list, pad_id:int, st, clusters:list, min_shared:int|None, extra:int) -> Rows:
+def _admit(model, enc:list, take:list, pad_id:int, st, clusters:list, min_shared:int|None, extra:int,
+           pick=None) -> Rows: # pick(prompt indices, logits) -> tokens; None: greedy
     "New `Rows` for prompts `take` (indices into `enc`): prefilled with room for `extra` tokens, their first token in `nxt`."
     dev = _first_param(model).device
     gid = _prefix_ids(model, enc, take, clusters, st, min_shared) if st is not None else None
     first, cache, mask, last = _prefill(model, [enc[i] for i in take], pad_id, st, gid, extra=extra)
-    return Rows(cache, mask, last, first.argmax(-1), torch.tensor(take, device=dev),
+    alive = torch.tensor(take, device=dev)
+    return Rows(cache, mask, last, first.argmax(-1) if pick is None else pick(alive, first), alive,
                 torch.zeros(len(take), dtype=torch.long, device=dev), None if gid is None else torch.tensor(gid, device=dev))
 
 # %% ../nbs/06b_generation.ipynb #878becf3
@@ -398,8 +400,9 @@ def _step(model, rows:Rows, st, arg:str):
 # %% ../nbs/06b_generation.ipynb #05fa4e54
 @torch.no_grad()
 def _greedy_stream(model, enc:list, order:list, batch_size:int, max_new_tokens:int, stop:set, pad_id:int, prefix=None,
-                   min_shared:int|None=32, on_done=None) -> list:
-    "Greedy continuations (token ids, stop token excluded) of `enc`, taken in `order`; a finished row's place is refilled."
+                   min_shared:int|None=32, on_done=None, # on_done(i, ids): prompt i's reply is complete
+                   pick=None) -> list: # pick(prompt indices, logits) -> one token per row; None: greedy (argmax)
+    "Continuations (token ids, stop token excluded) of `enc`, taken in `order`; a finished row's place is refilled."
     dev, arg = _first_param(model).device, _cache_arg(model)
     st = _Cascade(model) if _cascade_ok(model) else None
     if st is not None and prefix: st.prefixes[0] = prefix
@@ -414,7 +417,7 @@ def _greedy_stream(model, enc:list, order:list, batch_size:int, max_new_tokens:i
             if not d: out[r].append(t)
         going = ~done & (rows.count < max_new_tokens)
         if on_done:
-            for r in rows.alive[~going].tolist(): on_done(r)
+            for r in rows.alive[~going].tolist(): on_done(r, out[r])
         return going
     # admit prompts when a quarter of the rows are free (the plain path only when all are: it cannot join caches)
     admit_at = max(1, batch_size // 4) if st is not None else batch_size
@@ -422,7 +425,7 @@ def _greedy_stream(model, enc:list, order:list, batch_size:int, max_new_tokens:i
         n_alive = 0 if rows is None else len(rows)
         if queue and (n_alive == 0 or batch_size - n_alive >= admit_at):
             take, queue = queue[:batch_size - n_alive], queue[batch_size - n_alive:]
-            new = _admit(model, enc, take, pad_id, st, clusters, min_shared, max_new_tokens)
+            new = _admit(model, enc, take, pad_id, st, clusters, min_shared, max_new_tokens, pick)
             going = emit(new)
             if not bool(going.all()): new = new.select(going.nonzero().squeeze(-1))
             if n_alive == 0: rows = new
@@ -431,10 +434,46 @@ def _greedy_stream(model, enc:list, order:list, batch_size:int, max_new_tokens:i
                 need = {0} | set(rows.gid.tolist()) | {cluster_of[i] + 1 for i in queue}
                 for k in [k for k in st.prefixes if k not in need]: del st.prefixes[k]
             continue  # more may be admitted before the next step
-        rows.nxt = _step(model, rows, st, arg).argmax(-1)
+        logits = _step(model, rows, st, arg)
+        rows.nxt = logits.argmax(-1) if pick is None else pick(rows.alive, logits)  # `alive`: the rows' prompt indices
         going = emit(rows)
         if not bool(going.all()): rows = rows.select(going.nonzero().squeeze(-1))  # finished rows leave batch and cache
     return out
+
+# %% ../nbs/06b_generation.ipynb #8d26875b
+_NUCLEUS_K = 1024  # top-p looks at the likeliest 1,024 tokens; at the whole vocabulary only when they hold < top_p
+
+class Sampler:
+    "Token choice per prompt for `generate_batched`: prompt i samples from its own generator (seed `seeds[i]`)."
+    def __init__(self, seeds:list, # one sampling seed per prompt
+                 temperature:float=1.0, # softmax temperature; 0: greedy (after the mask)
+                 top_p:float=1.0, # nucleus sampling: the smallest set of tokens holding this much probability
+                 constraint=None, # per-prompt mask: `.mask_(prompts, logits)` bans tokens in place, `.accept(prompts, tokens)`
+                ):
+        if temperature < 0: raise ValueError(f"Sampler: temperature must be >= 0, got {temperature}")
+        if not 0 < top_p <= 1: raise ValueError(f"Sampler: top_p must be in (0, 1], got {top_p}")
+        self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.temperature, self.top_p, self.constraint = temperature, top_p, constraint
+
+    def __call__(self, prompts, # (rows,) the prompt index of each row
+                 logits): # (rows, vocab) next-token logits
+        "One token per row, each drawn with its prompt's generator (one draw per token it writes)."
+        idx = prompts.tolist()
+        x = logits.detach().float().cpu().clone()
+        if self.constraint is not None: self.constraint.mask_(idx, x)
+        if self.temperature == 0: tok = x.argmax(-1)
+        else:
+            probs = torch.softmax(x / self.temperature, dim=-1)
+            if self.top_p < 1.0: top, order = probs.topk(min(_NUCLEUS_K, probs.shape[-1]), dim=-1)  # sorted, descending
+            tok = []
+            for r, i in enumerate(idx):
+                if self.top_p >= 1.0: tok.append(torch.multinomial(probs[r], 1, generator=self.gens[i])[0]); continue
+                p, o = (top[r], order[r]) if top[r].sum() > self.top_p else probs[r].sort(descending=True)
+                p = p.masked_fill((p.cumsum(-1) - p) > self.top_p, 0.0)  # the smallest set whose mass reaches top_p
+                tok.append(o[torch.multinomial(p, 1, generator=self.gens[i])[0]])
+            tok = torch.stack(tok)
+        if self.constraint is not None: self.constraint.accept(idx, tok.tolist())
+        return tok.to(logits.device)
 
 # %% ../nbs/06b_generation.ipynb #6a45b700
 def _batches(enc:list, batch_size:int, sort:bool, start:int=0, min_shared:int|None=32):
@@ -455,8 +494,10 @@ def generate_batched(model, tokenizer, # a causal LM and its tokenizer
                      share_prefix:bool=True, # compute the prompts' common prefix once
                      progress:bool=False, # show a progress bar
                      return_ids:bool=False, # return the generated token ids instead of text
+                     pick=None, # token choice: pick(prompt indices, logits) -> a token per row (e.g. `Sampler`); None: greedy
+                     on_reply=None, # on_reply(i, ids): called as prompt i's reply completes (its token ids)
                     ) -> list:
-    "Greedy replies to `prompts` (in their order): batched, shared prefixes computed once, finished rows refilled."
+    "Replies to `prompts` (in their order), greedy or by `pick`: batched, shared prefixes computed once, finished rows refilled."
     if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_new_tokens < 1: raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not prompts: return []
@@ -468,8 +509,11 @@ def generate_batched(model, tokenizer, # a causal LM and its tokenizer
     bar = None
     if progress:
         from tqdm.auto import tqdm; bar = tqdm(total=len(prompts), desc="generate")
+    def done(i, ids):
+        if bar is not None: bar.update()
+        if on_reply is not None: on_reply(i, ids)
     try: ids = _greedy_stream(model, enc, order, batch_size, max_new_tokens, stop, _pad_id(tokenizer, model), prefix,
-                              shared, bar and (lambda r: bar.update()))
+                              shared, done, pick)
     finally:
         if bar is not None: bar.close()
     return ids if return_ids else [tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]
