@@ -54,6 +54,17 @@ def test_share_line_is_the_mean_over_rounds_with_the_range():
     assert tt.share_line(rows[:1], "qlora", 0.6).endswith("NOT MET") and "n/a" in tt.share_line(rows, "adapter", 0.6)
 
 
+def test_each_run_is_compared_with_the_passes_next_to_it():
+    g = {"p0": [100, 120], "p1": [150, 90], "p2": [80, 70], "p3": [200, 10]}  # two shapes per pass
+    rows = [{"pass": p, "shape": f"s{j}", "gflops": x} for p, xs in g.items() for j, x in enumerate(xs)]
+    assert tt.adjacent_peaks(rows, 3) == [150, 150, 200]  # run i: best of p{i} and p{i+1}
+    shares = [{"kind": "lora", "useful_share_of_adjacent_peak": s, "executed_share_of_adjacent_peak": s / 2,
+               "useful_share_of_peak": s / 2, "executed_share_of_peak": s / 4} for s in (0.62, 0.66)]
+    adj, best = tt.share_line(shares, "lora", 0.6, "adjacent_peak"), tt.share_line(shares, "lora", None)
+    assert adj.startswith("share of the adjacent peak") and "64% mean of 2" in adj and adj.endswith(" MET")
+    assert best.startswith("share of the best peak") and "32% mean of 2" in best and "target" not in best
+
+
 def test_flops_per_token_6n_full_and_4n_plus_2_trainable_otherwise():
     assert tt.flops_per_token("full", 100, 100) == 600
     for k in ("lora", "naive-lora", "trl-lora", "qlora", "adapter", "lora-padded"): assert tt.flops_per_token(k, 100, 5) == 410
