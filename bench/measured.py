@@ -19,7 +19,7 @@ def load_row():
 def train_row():
     d = csv("train_throughput"); tok = d.groupby("kind")["useful_tokens_per_s"].mean()
     share = d.groupby("kind")["useful_share_of_adjacent_peak"].mean()
-    shares = ", ".join(f"{k} {share[k]:.0%}" for k in ("lora", "full", "qlora", "adapter", "trl-lora", "naive-lora") if k in share)
+    shares = ", ".join(f"{k} {share[k]:.1%}" for k in ("lora", "full", "qlora", "adapter", "trl-lora", "naive-lora") if k in share)
     adj = d["adjacent_peak_gflops"]
     return (f"LoRA {tok['lora']/tok['naive-lora']:.2f}× the naive padded Trainer, {tok['lora']/tok['trl-lora']:.2f}× TRL "
             f"`SFTTrainer` (padding-free, completion-only) in useful tokens/s ({tok['lora']:.0f} vs {tok['naive-lora']:.0f} "
