@@ -443,7 +443,7 @@ def scale_lora_in_rank(model) -> int:
 
 # %% ../nbs/05_training.ipynb #a6d91a14
 def flatten_4bit_scales(model) -> int:
-    "Keep each 4-bit layer's block scales in fp32, dequantized once, instead of from 8 bits at every product; returns how many."
+    "Keep each 4-bit layer's block scales in fp32, unpacked once, not from 8 bits at every product; returns how many."
     import bitsandbytes.functional as bf
     n = 0
     for m in model.modules():
@@ -731,17 +731,18 @@ def plan_memory(model, # the model `finetune` built (peft / adapter wrapped)
     lengths = [len(r["input_ids"]) for r in rows]
     answers = sorted((sum(l != -100 for l in r["labels"]) for r in rows), reverse=True)
     targets = None if cfg.target_modules == "all-linear" or cfg.method == "adapter" else cfg.target_modules
+    nested = device != "cpu"  # QLoRA's 8-bit block scales; the CPU keeps them flat (`flatten_4bit_scales`)
     overhead = None  # on the CPU with the default budget: what this process already holds beyond the weights
     if not cfg.memory_limit_gb and device != "cuda":
         import psutil
         w = estimate_memory(base.config, cfg.method, r=cfg.r, batch_size=1, seq_len=1, dtype=dtype, device=device,
-                    double_quant=device != "cpu").weights  # on the CPU the scales are flat (`flatten_4bit_scales`)
+                            double_quant=nested).weights
         overhead = max(CPU_BASELINE_GB, psutil.Process().memory_info().rss/GB - w)
     def est(b, ck, row_tokens=None, lens=lengths):
         n, seq, packed = worst_batch(lens, b, layout, row_tokens)
         loss = max(1, min(sum(answers[:b]), n*seq)) if sliced else None
         e = estimate_memory(base.config, cfg.method, r=cfg.r, batch_size=n, seq_len=seq, gradient_checkpointing=ck, dtype=dtype,
-                            device=device, double_quant=device != "cpu", target_modules=targets, packed=packed,
+                            device=device, double_quant=nested, target_modules=targets, packed=packed,
                             attention=attn, loss_tokens=loss, overhead_gb=overhead,
                             allocator="release" if cfg.release_memory else "default")
         return e.total, [n, seq]
