@@ -449,21 +449,25 @@ def test_balanced_run_chooses_checkpoints_by_the_balanced_validation_loss(task, 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_lora_scaled_in_the_rank_trains_bit_for_bit_like_peft(task, tmp_path, monkeypatch, method):
-    "B(A(x) * s), flat 4-bit scales, no copy of the 4-bit output: at s = 2 (alpha = 2r) the losses and weights equal peft's own."
+    "B(A(x) * s), flat 4-bit scales, shared unpacking buffers, no output copy: at s = 2 the losses and weights equal peft's."
     if method == "qlora": pytest.importorskip("bitsandbytes")
     from safetensors.torch import load_file
     import vrnx_nb.training as T
     switched, real, flattened, real_flat = [], T.scale_lora_in_rank, [], T.flatten_4bit_scales
+    shared, real_share, unpacked, real_unpack = [], T.share_4bit_buffers, [], T._unpack_4bit
+    monkeypatch.setattr(T, "_unpack_4bit", lambda *a: unpacked.append(1) or real_unpack(*a))
     def run(fast):
         monkeypatch.setattr(T, "scale_lora_in_rank", (lambda m: switched.append(real(m)) or switched[-1]) if fast else (lambda m: 0))
         flat = (lambda m: flattened.append(real_flat(m)) or flattened[-1]) if fast else (lambda m: 0)
         monkeypatch.setattr(T, "flatten_4bit_scales", flat)
+        monkeypatch.setattr(T, "share_4bit_buffers", (lambda m: shared.append(real_share(m)) or shared[-1]) if fast else (lambda m: 0))
         res = finetune("tiny", task, method=method, r=4, max_steps=3, batch_size=4, max_val_examples=4, early_stopping_patience=None,
                        output_dir=tmp_path/str(fast), device="cpu")
         return [h["loss"] for h in res.history], load_file(str(Path(res.output_dir)/"adapter_model.safetensors"))
     (loss_fast, w_fast), (loss_peft, w_peft) = run(True), run(False)
     assert switched and switched[0] > 0  # the fast path really ran, in every adapted layer
     if method == "qlora": assert flattened and flattened[0] > 0  # and the 4-bit scales were flat (no copy of the base output)
+    if method == "qlora": assert shared and shared[0] > 0 and unpacked  # and the 4-bit weights unpacked into shared buffers
     assert loss_fast == loss_peft and len(loss_fast) >= 3
     assert w_fast.keys() == w_peft.keys() and all(torch.equal(w_fast[k], w_peft[k]) for k in w_fast)
     assert any(not torch.equal(w_fast[k], torch.zeros_like(w_fast[k])) for k in w_fast if "lora_B" in k)  # B trained away from 0

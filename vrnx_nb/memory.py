@@ -230,8 +230,8 @@ MMAP_THRESHOLD_MAX = 32*2**20 # glibc (64-bit): blocks this big or bigger are al
 ALLOCATORS = ("default", "release")
 # freed heap memory at the peak / heap-served activations, glibc 2.36 defaults: bench/results/memory_accuracy.csv
 # (SmolLM2-135M, fp32, batch 4 x 256; checked at 2 x 256). LoRA's small gradients leave the freed blocks unfilled;
-# full fine-tuning's weight gradients reuse them; QLoRA adds the 4-bit layers' dequantized weights, freed every matmul.
-HEAP_RETAINED = dict(full=0.39, lora=1.54, qlora=1.93, adapter=0.72)
+# full fine-tuning's weight gradients reuse them; QLoRA unpacks its 4-bit weights into buffers kept per shape.
+HEAP_RETAINED = dict(full=0.39, lora=1.54, qlora=0.94, adapter=0.72)
 
 def heap_activation_bytes(pc:ParamCounts, method:str, r:int, n_targets:int, tokens:int, e:int,
                           gradient_checkpointing:bool=False) -> float:

@@ -142,7 +142,8 @@ def recommend(n_examples:int, # labelled examples available for training
     method, r, why = _base_plan(n_examples, lambda m: est(m, 16, 1, True).total <= limit)
     reasons += why
     if device == "cpu" and method == "qlora" and est("lora", r, 1, True).total <= limit:
-        method = "lora"; reasons.append("On the CPU, LoRA instead of QLoRA: it fits, and bitsandbytes' 4-bit matmuls are slower on the CPU (6.5 s vs 4.7 s per step measured)")
+        method = "lora"; reasons.append("On the CPU, LoRA instead of QLoRA: the full-precision base fits, so 4-bit weights would save memory "
+                                     "this machine does not need and round the frozen weights")
     n = n_examples
     if n < 100: augment, target = True, max(500, 10*n); reasons.append(f"Augment below 500 examples (guideline): synthetic data up to max(500, 10 x {n}) = {target} examples")
     elif n < 500: augment, target = True, max(500, 3*n); reasons.append(f"Augment below 500 examples (guideline): synthetic data up to max(500, 3 x {n}) = {target} examples")

@@ -23,11 +23,11 @@ __all__ = ['METHODS', 'BALANCE_MODES', 'DEFAULT_LR', 'CUT_MARK', 'ONE_ROW', 'LOG
            'shared_prefix_len', 'SharedPrefixCollator', 'forward_batch', 'per_example_loss', 'varlen_attention',
            'train_collator', 'label_balance_weights', 'balanced_sampler', 'val_balance_weights', 'completion_positions',
            'completion_loss', 'CSVLogCallback', 'QuietProgressCallback', 'TrainResult', 'scale_lora_in_rank',
-           'flatten_4bit_scales', 'keep_4bit_layout', 'bnb_config', 'build_model', 'VrnxTrainer', 'save_run_task',
-           'load_run_task', 'MemoryBudgetError', 'MemoryPlan', 'free_memory_gb', 'batch_layout', 'worst_batch',
-           'plan_memory', 'release_freed_memory', 'finetune', 'load_trained', 'merge_and_save', 'main_train',
-           'ADAPTER_CONFIG_NAME', 'ADAPTER_WEIGHTS_NAME', 'ADAPTER_TARGETS', 'BottleneckConfig', 'BottleneckLayer',
-           'BottleneckModel']
+           'flatten_4bit_scales', 'keep_4bit_layout', 'share_4bit_buffers', 'bnb_config', 'build_model', 'VrnxTrainer',
+           'save_run_task', 'load_run_task', 'MemoryBudgetError', 'MemoryPlan', 'free_memory_gb', 'batch_layout',
+           'worst_batch', 'plan_memory', 'release_freed_memory', 'finetune', 'load_trained', 'merge_and_save',
+           'main_train', 'ADAPTER_CONFIG_NAME', 'ADAPTER_WEIGHTS_NAME', 'ADAPTER_TARGETS', 'BottleneckConfig',
+           'BottleneckLayer', 'BottleneckModel']
 
 # %% ../nbs/05_training.ipynb #fc51ac43
 METHODS = ("full", "lora", "qlora", "adapter")
@@ -425,7 +425,7 @@ def _forward_4bit(self, x, *args, **kwargs):
     plain = all(isinstance(self.lora_variant.get(a), _ScaleInRank) for a in names)
     if args or kwargs or self.disable_adapters or self.merged or not plain or x.device.type != "cpu":
         return type(self).forward(self, x, *args, **kwargs)
-    result = self.base_layer(x)  # a fresh tensor: `_ScaleInRank` adds to it in place
+    result = _base_4bit(self.base_layer, x)  # a fresh tensor: `_ScaleInRank` adds to it in place
     for a in names:
         xa = x if torch.is_autocast_enabled() else self._cast_input_dtype(x, self.lora_A[a].weight.dtype)
         result = _ScaleInRank.forward(self, a, xa, result)
@@ -458,6 +458,52 @@ def keep_4bit_layout(model) -> int:
     "Stop bitsandbytes repacking a training model's 4-bit layers for bf16 CPU inference at `eval()`; returns how many."
     layers = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
     for m in layers: m.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+# %% ../nbs/05_training.ipynb #d9b2e212
+def _unpack_4bit_kernel(layer, dtype):
+    "bitsandbytes' CPU kernel that unpacks `layer`'s 4-bit weight to `dtype`, or None where it does not apply as is."
+    qs, name = getattr(layer.weight, "quant_state", None), {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype)
+    if qs is None or qs.nested or name is None or qs.quant_type not in ("nf4", "fp4") or qs.absmax.dtype != torch.float32:
+        return None
+    if qs.blocksize >= 2048 or qs.shape[-1] % 2 or getattr(qs, "packing_format_for_cpu", False): return None  # its fallbacks
+    from bitsandbytes.cextension import lib
+    return getattr(getattr(lib, "_lib", None), f"cdequantize_blockwise_cpu_{qs.quant_type}_{name}", None)
+
+def _unpack_4bit(layer, dtype, kernel) -> torch.Tensor:
+    "`layer`'s 4-bit weight unpacked by `kernel` into its model's buffer for that shape and dtype."
+    import ctypes as ct
+    qs, buffers = layer.weight.quant_state, layer._vrnx_unpacked
+    key = (tuple(qs.shape), dtype)
+    if key not in buffers: buffers[key] = torch.empty(key[0], dtype=dtype)
+    out, (rows, cols) = buffers[key], qs.shape
+    kernel(ct.c_void_p(layer.weight.data_ptr()), ct.c_void_p(qs.absmax.data_ptr()), ct.c_void_p(out.data_ptr()),
+           ct.c_longlong(qs.blocksize), ct.c_longlong(rows), ct.c_longlong(cols))
+    return out
+
+class _MatMul4bitShared(torch.autograd.Function):
+    "`x W^T` with a frozen 4-bit `W`, as bitsandbytes computes it, forward and backward, with `W` unpacked into a buffer."
+    @staticmethod
+    def forward(ctx, x, layer, kernel):
+        ctx.layer, ctx.kernel = layer, kernel
+        return torch.nn.functional.linear(x, _unpack_4bit(layer, x.dtype, kernel))
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.matmul(grad, _unpack_4bit(ctx.layer, grad.dtype, ctx.kernel)), None, None
+
+def _base_4bit(layer, x):
+    "A bitsandbytes `Linear4bit` applied to `x`: through a shared buffer where `share_4bit_buffers` gave it one."
+    dtype = layer.compute_dtype or x.dtype
+    kernel = _unpack_4bit_kernel(layer, dtype) if hasattr(layer, "_vrnx_unpacked") else None
+    if kernel is None or layer.bias is not None or x.device.type != "cpu" or x.shape[-1] != layer.weight.quant_state.shape[1]:
+        return layer(x)
+    return _MatMul4bitShared.apply(x.to(dtype), layer, kernel).to(x.dtype)
+
+def share_4bit_buffers(model) -> int:
+    "Let the CPU 4-bit layers of `model` unpack their weights into one buffer per shape, not a new one per product."
+    import bitsandbytes as bnb
+    buffers, layers = {}, [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for m in layers: m._vrnx_unpacked = buffers
     return len(layers)
 
 # %% ../nbs/05_training.ipynb #b4c671a0
@@ -501,7 +547,7 @@ def build_model(model_name:str, # alias, local folder or hub id
         quant = bnb_config()
         from peft import prepare_model_for_kbit_training
         model, tok = load_model(model_name, device=device, quantization_config=quant)
-        if device == "cpu": _unmap_checkpoint(model); flatten_4bit_scales(model); keep_4bit_layout(model)
+        if device == "cpu": _unmap_checkpoint(model); flatten_4bit_scales(model); keep_4bit_layout(model); share_4bit_buffers(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
