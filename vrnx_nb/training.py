@@ -464,9 +464,9 @@ def keep_4bit_layout(model) -> int:
 def _unpack_4bit_kernel(layer, dtype):
     "bitsandbytes' CPU kernel that unpacks `layer`'s 4-bit weight to `dtype`, or None where it does not apply as is."
     qs, name = getattr(layer.weight, "quant_state", None), {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype)
-    if qs is None or qs.nested or name is None or qs.quant_type not in ("nf4", "fp4") or qs.absmax.dtype != torch.float32:
-        return None
-    if qs.blocksize >= 2048 or qs.shape[-1] % 2 or getattr(qs, "packing_format_for_cpu", False): return None  # its fallbacks
+    if qs is None or qs.nested or name is None or qs.quant_type not in ("nf4", "fp4"): return None
+    if qs.absmax.dtype != torch.float32 or getattr(qs, "packing_format_for_cpu", False): return None
+    if qs.blocksize >= 2048 or qs.shape[-1] % 2: return None  # where bitsandbytes itself falls back to another kernel
     from bitsandbytes.cextension import lib
     return getattr(getattr(lib, "_lib", None), f"cdequantize_blockwise_cpu_{qs.quant_type}_{name}", None)
 
@@ -482,7 +482,7 @@ def _unpack_4bit(layer, dtype, kernel) -> torch.Tensor:
     return out
 
 class _MatMul4bitShared(torch.autograd.Function):
-    "`x W^T` with a frozen 4-bit `W`, as bitsandbytes computes it, forward and backward, with `W` unpacked into a buffer."
+    "`x W^T` for a frozen 4-bit `W`, computed as bitsandbytes does, forward and backward, `W` unpacked into a buffer."
     @staticmethod
     def forward(ctx, x, layer, kernel):
         ctx.layer, ctx.kernel = layer, kernel
@@ -495,12 +495,12 @@ def _base_4bit(layer, x):
     "A bitsandbytes `Linear4bit` applied to `x`: through a shared buffer where `share_4bit_buffers` gave it one."
     dtype = layer.compute_dtype or x.dtype
     kernel = _unpack_4bit_kernel(layer, dtype) if hasattr(layer, "_vrnx_unpacked") else None
-    if kernel is None or layer.bias is not None or x.device.type != "cpu" or x.shape[-1] != layer.weight.quant_state.shape[1]:
-        return layer(x)
+    if kernel is None or layer.bias is not None or x.device.type != "cpu": return layer(x)
+    if x.shape[-1] != layer.weight.quant_state.shape[1]: return layer(x)  # quantized transposed
     return _MatMul4bitShared.apply(x.to(dtype), layer, kernel).to(x.dtype)
 
 def share_4bit_buffers(model) -> int:
-    "Let the CPU 4-bit layers of `model` unpack their weights into one buffer per shape, not a new one per product."
+    "Let `model`'s 4-bit layers unpack their weights on the CPU into one buffer per shape; returns how many layers."
     import bitsandbytes as bnb
     buffers, layers = {}, [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     for m in layers: m._vrnx_unpacked = buffers
