@@ -103,3 +103,16 @@ def test_cpu_estimate_counts_the_freed_memory_glibc_keeps():
     assert ck == 30 * 1024 * 4 * 576 + 1024 * 4 * (6*576 + 4*1536 + 2*192 + 9 + 7*16)
     with pytest.raises(ValueError, match=r"estimate_memory\.allocator: expected one of \['default', 'release'\], got 'jemalloc'"):
         estimate_memory("smollm2-135m", "lora", device="cpu", allocator="jemalloc")
+
+def test_cpu_qlora_estimate_holds_one_unpacked_weight_per_shape():
+    "QLoRA on the CPU keeps one fp32 buffer per block-Linear shape (`share_4bit_buffers`): the estimate's weights add them."
+    from pathlib import Path
+    cfg = json.loads((Path(__file__).parents[1]/"vrnx_nb"/"model_configs"/"llama-3-8b.json").read_text())
+    h, i = cfg["hidden_size"], cfg["intermediate_size"]
+    kv = cfg["num_key_value_heads"] * h // cfg["num_attention_heads"]
+    shapes = {(h, h), (h, kv), (h, i), (i, h)}  # q and o, k and v, gate and up, down
+    kw = dict(batch_size=1, seq_len=128, dtype="float32", double_quant=False)
+    cpu, gpu = (estimate_memory("llama-3-8b", "qlora", device=d, **kw) for d in ("cpu", "cuda"))
+    assert cpu.weights - gpu.weights == pytest.approx(4 * sum(a * b for a, b in shapes) / GB)
+    lora = [estimate_memory("llama-3-8b", "lora", device=d, **kw) for d in ("cpu", "cuda")]
+    assert lora[0].weights == lora[1].weights  # nothing unpacked without 4-bit weights

@@ -162,7 +162,7 @@ def _dtype_name(dtype) -> str:
 class MemoryEstimate:
     "Estimated peak memory of fine-tuning, in decimal GB, with what it assumed."
     model: str; method: str
-    weights: float        # base weights as stored (NF4 incl. constants for qlora)
+    weights: float        # base weights as stored (NF4 incl. constants for qlora, and its unpacking buffers on the CPU)
     trainable: float      # trainable parameters (LoRA / adapters; for full: included in weights)
     gradients: float      # gradients alive at the peak (see below)
     optimizer: float      # optimizer states (+ fp32 master copy for 16-bit full fine-tuning)
@@ -274,6 +274,7 @@ def estimate_memory(model="smollm2-135m", # model name/path/config (see `load_co
     if method == "qlora":
         bits = 4 + (8/64 + 32/(64*256) if double_quant else 32/64)
         weights = pc.block_linear*bits/8 + (pc.total - pc.block_linear)*4
+        if device == "cpu": weights += e*sum(i*o for i, o in {(i, o) for _, i, o in pc.linears})  # one unpacked weight a shape
     else: weights = pc.total*e
     if method == "full":
         trainable, grads = 0.0, pc.total*e
