@@ -461,14 +461,20 @@ def keep_4bit_layout(model) -> int:
     return len(layers)
 
 # %% ../nbs/05_training.ipynb #d9b2e212
+import functools
 def _unpack_4bit_kernel(layer, dtype):
     "bitsandbytes' CPU kernel that unpacks `layer`'s 4-bit weight to `dtype`, or None where it does not apply as is."
     qs, name = getattr(layer.weight, "quant_state", None), {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype)
     if qs is None or qs.nested or name is None or qs.quant_type not in ("nf4", "fp4"): return None
     if qs.absmax.dtype != torch.float32 or getattr(qs, "packing_format_for_cpu", False): return None
     if qs.blocksize >= 2048 or qs.shape[-1] % 2: return None  # where bitsandbytes itself falls back to another kernel
+    return _cpu_kernel(f"cdequantize_blockwise_cpu_{qs.quant_type}_{name}")
+
+@functools.lru_cache(maxsize=None)
+def _cpu_kernel(name:str):
+    "bitsandbytes' native CPU function `name`, looked up once (None where its library lacks it)."
     from bitsandbytes.cextension import lib
-    return getattr(getattr(lib, "_lib", None), f"cdequantize_blockwise_cpu_{qs.quant_type}_{name}", None)
+    return getattr(getattr(lib, "_lib", None), name, None)
 
 def _unpack_4bit(layer, dtype, kernel) -> torch.Tensor:
     "`layer`'s 4-bit weight unpacked by `kernel` into its model's buffer for that shape and dtype."
